@@ -1,0 +1,6 @@
+"""Makes the shared test references importable as `reference`."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

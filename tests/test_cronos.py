@@ -1,0 +1,268 @@
+"""cronos against independent references: CVXPY optima, hand-written NumPy models, scikit-learn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from sklearn.datasets import load_breast_cancer, load_iris
+from sklearn.metrics import accuracy_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+import cronos
+from reference import cvxpy_optimum
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data(n, d, P, C, seed=1, pattern_seed=2):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d))
+    Y = cronos.encode_targets(rng.integers(0, C, n)) if C > 1 else rng.standard_normal((n, 1))
+    D = np.asarray(cronos.sample_patterns(jax.random.key(pattern_seed), X, P))
+    return X, Y, D
+
+
+def _tight(rho=0.1, dtype="float64", **kw):
+    return cronos.ADMMConfig(rho=rho, tol=1e-6, admm_iters=4000, pcg_iters=200, rank=10, dtype=dtype, **kw)
+
+
+CASES = [
+    # n, d, P, C, cone, rho, dtype
+    (120, 6, 6, 2, True, 0.1, "float64"),
+    (200, 10, 8, 3, True, 1e-3, "float64"),
+    (150, 8, 8, 1, True, 100.0, "float64"),
+    (100, 5, 4, 2, False, 0.1, "float64"),
+    (160, 7, 5, 3, False, 10.0, "float64"),
+    (120, 6, 6, 2, True, 0.1, "float32"),
+    (100, 5, 4, 2, False, 0.1, "float32"),
+]
+
+
+@pytest.mark.parametrize("n,d,P,C,cone,rho,dtype", CASES)
+def test_tolerance_mode_reaches_cvxpy_optimum(n, d, P, C, cone, rho, dtype):
+    X, Y, D = _data(n, d, P, C)
+    beta = 1e-2
+    reference, _ = cvxpy_optimum(X, Y, D, beta, cone)
+    program = cronos.ConvexReLU if cone else cronos.GatedReLU
+    problem = program(X, Y, patterns=D, beta=beta)
+    with jax.enable_x64(dtype == "float64"):
+        result = cronos.solve(problem, _tight(rho, dtype), key=jax.random.key(0))
+    ours = cronos.objective(problem, result.v, result.w)
+    assert abs(ours - reference) <= 1e-3 * abs(reference), (ours, reference, result.iterations)
+    if cone:
+        assert cronos.constraint_violation(problem, result.v, result.w) <= 1e-4
+    assert np.isfinite(result.history["objective"]).all()
+
+
+def test_theorem1_mlp_reproduces_convex_model_on_training_data():
+    X, Y, D = _data(150, 6, 6, 2)
+    problem = cronos.ConvexReLU(X, Y, patterns=D, beta=1e-2)
+    with jax.enable_x64(True):
+        result = cronos.solve(problem, _tight(), key=jax.random.key(0))
+        W1, w2 = (np.asarray(a) for a in result.mlp_weights())
+        scores = np.asarray(result.decision_function(X))
+    v, w = np.asarray(result.v), np.asarray(result.w)
+    convex = np.einsum("np,ncp->nc", D, np.einsum("nd,cdp->ncp", X, v - w))
+    mlp = np.stack([np.maximum(X @ W1[c], 0.0) @ w2[c] for c in range(2)], axis=1)
+    assert W1.shape == (2, 6, 12) and w2.shape == (2, 12)
+    np.testing.assert_allclose(mlp, convex, atol=1e-3 * np.abs(convex).max())
+    np.testing.assert_allclose(scores, mlp, rtol=1e-10, atol=1e-10)
+    # Theorem 1 scaling: ||hidden_i|| = |output_i| = sqrt(||v_i||)
+    norms = np.sqrt(np.linalg.norm(np.concatenate([v, w], axis=2), axis=1))
+    np.testing.assert_allclose(np.abs(w2), norms, rtol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(W1, axis=1), np.where(norms > 0, norms, 0.0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("rho", [1e-4, 1e-2, 1.0, 100.0])
+def test_any_starting_rho_converges(rho):
+    X, Y, D = _data(120, 6, 6, 2)
+    problem = cronos.ConvexReLU(X, Y, patterns=D, beta=1e-2)
+    reference, _ = cvxpy_optimum(X, Y, D, 1e-2, True)
+    with jax.enable_x64(True):
+        result = cronos.solve(problem, _tight(rho), key=jax.random.key(0))
+    assert abs(cronos.objective(problem, result.v, result.w) - reference) <= 1e-3 * reference
+    assert cronos.constraint_violation(problem, result.v, result.w) <= 1e-4
+
+
+def test_gated_relu_predicts_with_its_gates():
+    rng = np.random.default_rng(3)
+    X, Xnew = rng.standard_normal((100, 5)), rng.standard_normal((30, 5))
+    y = rng.integers(0, 2, 100)
+    gates = np.asarray(cronos.sample_gates(jax.random.key(4), 5, 4))
+    problem = cronos.GatedReLU(X, y, patterns=X @ gates >= 0, beta=1e-2, gates=gates)
+    result = cronos.solve(problem, cronos.ADMMConfig(tol=1e-5, admm_iters=500), key=jax.random.key(0))
+    assert result.w is None
+    v = np.asarray(result.v)
+    expected = np.einsum("np,ncp->nc", (Xnew @ gates >= 0), np.einsum("nd,cdp->ncp", Xnew, v))
+    np.testing.assert_allclose(np.asarray(result.decision_function(Xnew)), expected, rtol=1e-4, atol=1e-4)
+    no_gates = cronos.GatedReLU(X, y, patterns=X @ gates >= 0, beta=1e-2)
+    with pytest.raises(ValueError, match="gate vectors"):
+        cronos.solve(no_gates, cronos.ADMMConfig()).decision_function(Xnew)
+
+
+def test_nystrom_preconditioner_cuts_pcg_iterations():
+    rng = np.random.default_rng(5)
+    n, d, P = 300, 20, 8
+    X = rng.standard_normal((n, d)) * np.logspace(0, 2.5, d)  # ill-conditioned features
+    y = rng.integers(0, 2, n)
+    D = np.asarray(cronos.sample_patterns(jax.random.key(1), X, P))
+    problem = cronos.ConvexReLU(X, y, patterns=D, beta=1e-3)
+    counts = {}
+    with jax.enable_x64(True):
+        for name in ("none", "block", "nystrom"):
+            config = cronos.ADMMConfig(admm_iters=3, pcg_iters=3000, rank=40, preconditioner=name, dtype="float64")
+            counts[name] = int(cronos.solve(problem, config, key=jax.random.key(0)).history["pcg_iterations"].sum())
+    assert counts["nystrom"] * 4 < counts["none"], counts
+    assert counts["nystrom"] < counts["block"], counts
+
+
+def test_fixed_mode_history_flops_and_single_compilation():
+    X, Y, D = _data(64, 8, 4, 3)
+    y = Y.argmax(1)
+    problem = cronos.ConvexReLU(X, y, patterns=D, beta=1e-3)
+    config = cronos.ADMMConfig(admm_iters=7, pcg_iters=5, rank=4)
+    result = cronos.solve(problem, config, key=jax.random.key(0), validation=(X[:20], y[:20]))
+    h = result.history
+    assert result.iterations == 7 and not result.converged
+    assert set(h) == {"objective", "primal_residual", "dual_residual", "constraint_violation", "pcg_iterations", "rho",
+                      "val_accuracy"}
+    assert all(len(a) == 7 for a in h.values())
+    assert (h["pcg_iterations"] >= 1).all() and (h["pcg_iterations"] <= 5).all()
+    np.testing.assert_allclose(h["objective"][-1], cronos.objective(problem, result.v, result.w), rtol=1e-4)
+    np.testing.assert_allclose(h["val_accuracy"][-1], accuracy_score(y[:20], np.asarray(result.predict(X[:20]))))
+    # FLOPs come from XLA's cost analysis; a PCG iteration holds at least its two n x d x (C P) GEMMs.
+    flops = result.flops
+    n, d, C, P = 64, 8, 3, 4
+    assert 4 * n * d * C * P <= flops["per_pcg_iteration"] <= 40 * n * d * C * P
+    assert flops["pcg_iterations"] == h["pcg_iterations"].sum()
+    expected = flops["setup"] + 7 * flops["per_admm_step_excluding_pcg"] + flops["pcg_iterations"] * flops["per_pcg_iteration"]
+    assert flops["total"] == pytest.approx(expected)
+    # beta, rho and gamma are traced: a new value reuses the compiled solve.
+    again = cronos.solve(cronos.ConvexReLU(X, y, patterns=D, beta=5e-3), cronos.ADMMConfig(
+        rho=0.3, admm_iters=7, pcg_iters=5, rank=4, gamma=1.2), key=jax.random.key(0), validation=(X[:20], y[:20]))
+    assert again.compile_seconds == 0.0
+    assert not np.allclose(np.asarray(again.v), np.asarray(result.v))
+
+
+def test_deterministic_for_a_key_and_robust_to_rank_deficient_sketches():
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal((40, 2)) @ rng.standard_normal((2, 6))  # rank-2 data
+    X = np.concatenate([base, base])  # duplicate rows
+    y = np.concatenate([rng.integers(0, 2, 40)] * 2)
+    D = np.asarray(cronos.sample_patterns(jax.random.key(3), X, 4))
+    problem = cronos.ConvexReLU(X, y, patterns=D, beta=1e-2)
+    config = cronos.ADMMConfig(rank=24, tol=1e-5, admm_iters=3000)  # rank = d * P: far beyond the operator's rank
+    first = cronos.solve(problem, config, key=jax.random.key(11))
+    second = cronos.solve(problem, config, key=jax.random.key(11))
+    np.testing.assert_array_equal(np.asarray(first.v), np.asarray(second.v))
+    assert np.isfinite(first.nystrom_eigvals).all() and (first.nystrom_eigvals >= 0).all()
+    assert np.isfinite(np.asarray(first.v)).all()
+    reference, _ = cvxpy_optimum(X, cronos.encode_targets(y), D, 1e-2, True)
+    assert abs(cronos.objective(problem, first.v, first.w) - reference) <= 1e-3 * reference
+
+
+def test_all_zero_patterns_do_not_break_the_sketch():
+    X, Y, _ = _data(30, 4, 3, 2)
+    D = np.zeros((30, 3), bool)
+    result = cronos.solve(cronos.ConvexReLU(X, Y, patterns=D), cronos.ADMMConfig(rank=5))
+    assert np.isfinite(np.asarray(result.v)).all() and np.all(result.nystrom_eigvals == 0)
+
+
+def _run_sharded(script: str) -> str:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_sharded_equals_unsharded_on_8_devices():
+    stdout = _run_sharded("""
+        import jax, numpy as np, cronos
+        assert jax.device_count() == 8
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((203, 12)); y = rng.integers(0, 3, 203)   # 203 rows: padding needed
+        D = np.asarray(cronos.sample_patterns(jax.random.key(1), X, 6))
+        mesh = jax.make_mesh((8,), ("data",))
+        cases = [  # program, config, tolerance on v relative to max |v|
+            (cronos.ConvexReLU, cronos.ADMMConfig(), 1e-3),
+            (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-4, admm_iters=500), 1e-3),
+            (cronos.ConvexReLU, cronos.ADMMConfig(admm_iters=30, pcg_iters=50, dtype="float64"), 1e-8),
+            (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64"), 1e-8),
+            (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-8, admm_iters=3000, dtype="float64"), 1e-8),
+        ]
+        for program, config, tol in cases:
+            with jax.enable_x64(config.dtype == "float64"):
+                problem = program(X, y, patterns=D, beta=1e-3)
+                single = cronos.solve(problem, config, key=jax.random.key(2))
+                sharded = cronos.solve(problem, config, key=jax.random.key(2), mesh=mesh)
+            assert single.iterations == sharded.iterations, (single.iterations, sharded.iterations)
+            scale = float(np.abs(np.asarray(single.v)).max())
+            np.testing.assert_allclose(np.asarray(sharded.v), np.asarray(single.v), rtol=0, atol=tol * scale)
+            np.testing.assert_allclose(sharded.history["objective"], single.history["objective"], rtol=10 * tol)
+        print("OK")
+    """)
+    assert stdout.strip().endswith("OK")
+
+
+def test_classifier_one_line_with_string_labels():
+    X, y = load_breast_cancer(return_X_y=True)
+    names = np.where(y == 1, "benign", "malignant")
+    Xtr, Xte, ytr, yte = train_test_split(X, names, test_size=0.3, random_state=0, stratify=names)
+    scaler = StandardScaler().fit(Xtr)
+    clf = cronos.ConvexReLUClassifier(n_patterns=16, beta=1.0, random_state=0).fit(scaler.transform(Xtr), ytr)
+    predicted = clf.predict(scaler.transform(Xte))
+    assert clf.classes_ == ["benign", "malignant"]
+    assert set(predicted.tolist()) <= {"benign", "malignant"}
+    assert clf.score(scaler.transform(Xte), yte) == pytest.approx(accuracy_score(yte, predicted))
+    assert accuracy_score(yte, predicted) > 0.92  # logistic regression: 0.959 on this split
+    assert clf.result_.converged
+
+
+def test_classifier_multiclass_with_tuple_labels():
+    X, y = load_iris(return_X_y=True)
+    labels = [("iris", int(k)) for k in y]
+    clf = cronos.ConvexReLUClassifier(n_patterns=16, beta=1e-2).fit(X, labels)
+    assert clf.classes_ == [("iris", 0), ("iris", 1), ("iris", 2)]
+    assert clf.decision_function(X).shape == (150, 3)
+    assert clf.score(X, labels) > 0.9
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda X, y, D: cronos.ConvexReLU(np.where(X > 1.5, np.nan, X), y, patterns=D), "NaN"),
+        (lambda X, y, D: cronos.ConvexReLU(X, np.full((60, 2), np.inf), patterns=D), "NaN or infinite"),
+        (lambda X, y, D: cronos.ConvexReLU(X, y[:50], patterns=D), "50 labels but X has 60"),
+        (lambda X, y, D: cronos.ConvexReLU(X[:, :, None], y, patterns=D), "2-D"),
+        (lambda X, y, D: cronos.ConvexReLU(X, np.zeros(60, int), patterns=D), "single class"),
+        (lambda X, y, D: cronos.ConvexReLU(X, y, patterns=D[:50]), r"patterns must be an \(n, P\)"),
+        (lambda X, y, D: cronos.ConvexReLU(X, y, patterns=D[:, :0]), "P = 0"),
+        (lambda X, y, D: cronos.ConvexReLU(X, y, patterns=D * 2.0), "0/1"),
+        (lambda X, y, D: cronos.sample_patterns(jax.random.key(0), X, 0), "positive"),
+        (lambda X, y, D: cronos.ConvexReLU(X, y, patterns=D, beta=-1.0), "beta"),
+        (lambda X, y, D: cronos.solve(cronos.ConvexReLU(X, y, patterns=D), cronos.ADMMConfig(rank=5 * 4 + 1)),
+         "rank 21 exceeds"),
+        (lambda X, y, D: cronos.ADMMConfig(rho=0.0), "rho"),
+        (lambda X, y, D: cronos.ADMMConfig(tol=-1.0), "tol"),
+        (lambda X, y, D: cronos.solve(cronos.ConvexReLU(X, y, patterns=D), cronos.ADMMConfig(dtype="float64")),
+         "jax_enable_x64"),
+        (lambda X, y, D: cronos.solve(cronos.ConvexReLU(X, y, patterns=D), validation=(X[:, :3], y)), r"validation X"),
+        (lambda X, y, D: cronos.ConvexReLUClassifier().fit(X, np.zeros(60)), "single class"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(build, message):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 5))
+    y = rng.integers(0, 2, 60)
+    D = np.asarray(cronos.sample_patterns(jax.random.key(0), X, 4))
+    with pytest.raises(ValueError, match=message):
+        build(X, y, D)
