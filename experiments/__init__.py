@@ -1,0 +1,1 @@
+"""absl binaries: `python -m experiments.NAME --flagfile=experiments/configs/NAME.flags`."""

@@ -1,0 +1,320 @@
+"""Benchmark cronos against jaxcld 0.2.4 and an optax-Adam-trained ReLU MLP; writes a markdown table.
+
+    pip install --no-deps jaxcld==0.2.4      # the published reference solver (pure JAX)
+    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos.flags
+
+Every solver runs in a fresh subprocess of this binary (`--worker=...`), so each wall time includes
+its JIT compilation and nothing else shares the interpreter. Both CLD solvers get the same data and
+the same activation patterns; their objectives are evaluated by one independent function
+(`cronos.objective`, float64 NumPy). FLOPs come from XLA's cost analysis (`SolveResult.flops`).
+
+Data: embedding-like synthetic two-class data (d = 768, power-law spectrum, class means offset along
+a few directions), standing in for mean-pooled Whisper embeddings, which cannot be fetched here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+_SIZES = flags.DEFINE_list("sizes", ["200", "1000", "2000", "20000"], "Training-set sizes n.")
+_DIM = flags.DEFINE_integer("dim", 768, "Feature dimension d.")
+_PATTERNS = flags.DEFINE_integer("patterns", 64, "Activation patterns P (2P hidden units).")
+_BETA = flags.DEFINE_float("beta", 1e-3, "Group-lasso strength.")
+_JAXCLD = flags.DEFINE_bool("jaxcld", True, "Run the jaxcld 0.2.4 reference (pip install --no-deps jaxcld==0.2.4).")
+_ADAM_SIZES = flags.DEFINE_list("adam_sizes", ["2000", "20000"], "Sizes for the Adam comparison.")
+_ADAM_SECONDS = flags.DEFINE_float("adam_max_seconds", 600.0, "Cap on the Adam baseline's training time.")
+_VAL = flags.DEFINE_integer("val_size", 2000, "Validation samples.")
+_OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_cronos.md", "Markdown table to write.")
+_WORKER = flags.DEFINE_enum("worker", None, ["cronos", "jaxcld", "adam", "gemm"], "Internal: run one solver.")
+_DATA = flags.DEFINE_string("data", None, "Internal: npz with the problem.")
+_RESULT = flags.DEFINE_string("result", None, "Internal: npz/json to write.")
+_TARGET = flags.DEFINE_float("target_accuracy", 0.0, "Internal: Adam stops at this validation accuracy.")
+
+RHO, RANK, ADMM_ITERS, PCG_ITERS, GAMMA = 0.1, 20, 6, 32, 1.0  # the published CLD settings
+
+
+def make_data(n: int, n_val: int, d: int, seed: int = 0):
+    """Two-class embedding-like data: power-law covariance, class means apart along 8 directions."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    scales = 1.0 / np.sqrt(1.0 + np.arange(d))
+    offset = basis[:, :8] @ rng.standard_normal(8) * 0.25
+    def draw(m):
+        y = rng.integers(0, 2, m)
+        X = (rng.standard_normal((m, d)) * scales) @ basis.T + np.where(y[:, None] == 1, offset, -offset)
+        return X.astype(np.float32), y.astype(np.int32)
+    return draw(n), draw(n_val)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+
+
+def _worker_cronos(data, out):
+    import jax
+    import cronos
+    start = time.perf_counter()
+    problem = cronos.ConvexReLU(data["X"], data["y"], patterns=data["D"], beta=float(data["beta"]))
+    config = cronos.ADMMConfig(rho=RHO, rank=RANK, admm_iters=ADMM_ITERS, pcg_iters=PCG_ITERS, gamma=GAMMA)
+    result = cronos.solve(problem, config, key=jax.random.key(0))
+    wall = time.perf_counter() - start
+    accuracy = float(np.mean(np.asarray(result.predict(data["Xval"])) == data["yval"]))
+    flops = result.flops
+    np.savez(out, v=np.asarray(result.v), w=np.asarray(result.w), wall=wall, compile=result.compile_seconds,
+             run=result.run_seconds, flops=flops["total"], val_accuracy=accuracy,
+             pcg=result.history["pcg_iterations"])
+
+
+def _worker_jaxcld(data, out):
+    import jax
+    import jax.numpy as jnp
+    from jaxcld.models.cvx_relu_mlp import CVX_ReLU_MLP
+    from jaxcld.optimizers.admm import admm
+    start = time.perf_counter()
+    model = CVX_ReLU_MLP(jnp.asarray(data["X"]), jnp.asarray(data["y"]), 2, int(data["P"]), float(data["beta"]),
+                         RHO, jax.random.PRNGKey(0))
+    model.d_diags = jnp.asarray(data["D"], jnp.float32)  # the same patterns as cronos
+    model.e_diags = 2 * model.d_diags - 1
+    params = dict(rank=RANK, beta=float(data["beta"]), gamma_ratio=GAMMA, admm_iters=ADMM_ITERS,
+                  pcg_iters=PCG_ITERS, check_opt=False)
+    v, _ = admm(model, params)
+    v.block_until_ready()
+    wall = time.perf_counter() - start
+    scores = model.stacked_predict(jnp.asarray(data["Xval"]), model.theta1, model.theta2)
+    accuracy = float(np.mean(np.asarray(scores).argmax(1) == data["yval"]))
+    np.savez(out, v=np.asarray(v[:, 0]), w=np.asarray(v[:, 1]), wall=wall, val_accuracy=accuracy)
+
+
+def _worker_adam(data, out, target, max_seconds):
+    """Two-layer ReLU MLP (2P hidden units), cross-entropy, optax Adam 1e-3, batch 256, until target."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    X, y, Xval, yval = (jnp.asarray(data[k]) for k in ("X", "y", "Xval", "yval"))
+    start = time.perf_counter()
+    model = nnx.Sequential(nnx.Linear(X.shape[1], 2 * int(data["P"]), rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(2 * int(data["P"]), 2, rngs=nnx.Rngs(1)))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, xb, yb):
+        def loss_fn(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(xb), yb).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    @nnx.jit
+    def accuracy(model):
+        return jnp.mean(jnp.argmax(model(Xval), axis=1) == yval)
+
+    rng = np.random.default_rng(0)
+    n, batch, epochs, best, reached = X.shape[0], min(256, X.shape[0]), 0, 0.0, None
+    while time.perf_counter() - start < max_seconds:
+        order = rng.permutation(n)
+        for i in range(0, n - batch + 1, batch):
+            step(model, optimizer, X[order[i:i + batch]], y[order[i:i + batch]])
+        epochs += 1
+        acc = float(accuracy(model))
+        best = max(best, acc)
+        if acc >= target:
+            reached = time.perf_counter() - start
+            break
+    with open(out, "w") as f:
+        json.dump({"reached_seconds": reached, "epochs": epochs, "best_accuracy": best,
+                   "elapsed": time.perf_counter() - start}, f)
+
+
+def _worker_gemm(out, sizes, d, columns):
+    """Single-GEMM GFLOP/s: square 4096 and the solve's (n x d) @ (d x C*P) shape; best of 10."""
+    import jax
+    import jax.numpy as jnp
+
+    def rate(a, b):
+        f = jax.jit(lambda a, b: a @ b)
+        f(a, b).block_until_ready()
+        best = min(_timed(lambda: f(a, b).block_until_ready()) for _ in range(10))
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best / 1e9
+
+    key = jax.random.key(0)
+    rates = {"square_4096": rate(jax.random.normal(key, (4096, 4096)), jax.random.normal(key, (4096, 4096)))}
+    for n in sizes:
+        rates[f"solve_{n}"] = rate(jax.random.normal(key, (n, d)), jax.random.normal(key, (d, columns)))
+    with open(out, "w") as f:
+        json.dump(rates, f)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _spawn(worker: str, data_path: str | None, result_path: str, *extra: str) -> None:
+    command = [sys.executable, "-m", "experiments.bench_cronos", f"--worker={worker}", f"--result={result_path}"]
+    if data_path:
+        command.append(f"--data={data_path}")
+    out = subprocess.run(command + list(extra), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {worker} failed:\n{out.stderr[-4000:]}")
+
+
+def _machine() -> str:
+    import jax
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, jax {jax.__version__}, float32, CPU only")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _WORKER.value:
+        data = None if _DATA.value is None else np.load(_DATA.value)
+        if _WORKER.value == "cronos":
+            _worker_cronos(data, _RESULT.value)
+        elif _WORKER.value == "jaxcld":
+            _worker_jaxcld(data, _RESULT.value)
+        elif _WORKER.value == "adam":
+            _worker_adam(data, _RESULT.value, _TARGET.value, _ADAM_SECONDS.value)
+        else:
+            _worker_gemm(_RESULT.value, [int(s) for s in _SIZES.value], _DIM.value, 2 * _PATTERNS.value)
+        return
+
+    import jax
+    import cronos
+
+    sizes = [int(s) for s in _SIZES.value]
+    adam_sizes = {int(s) for s in _ADAM_SIZES.value}
+    load_before = os.getloadavg()
+    rows, adam_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        gemm_path = os.path.join(tmp, "gemm.json")
+        _spawn("gemm", None, gemm_path, f"--sizes={','.join(map(str, sizes))}", f"--dim={_DIM.value}",
+               f"--patterns={_PATTERNS.value}")
+        gemm = json.load(open(gemm_path))
+        for n in sizes:
+            (X, y), (Xval, yval) = make_data(n, _VAL.value, _DIM.value)
+            D = np.asarray(cronos.sample_patterns(jax.random.key(1), X, _PATTERNS.value))
+            data_path = os.path.join(tmp, f"data_{n}.npz")
+            np.savez(data_path, X=X, y=y, D=D, Xval=Xval, yval=yval, beta=_BETA.value, P=_PATTERNS.value)
+            problem = cronos.ConvexReLU(X, y, patterns=D, beta=_BETA.value)
+            ours_path = os.path.join(tmp, f"cronos_{n}.npz")
+            _spawn("cronos", data_path, ours_path)
+            ours = np.load(ours_path)
+            row = {"n": n, "cronos_wall": float(ours["wall"]), "cronos_compile": float(ours["compile"]),
+                   "cronos_run": float(ours["run"]), "cronos_objective": cronos.objective(problem, ours["v"], ours["w"]),
+                   "cronos_val": float(ours["val_accuracy"]), "flops": float(ours["flops"]),
+                   "pcg": int(ours["pcg"].sum()), "gemm_solve": gemm[f"solve_{n}"], "gemm_square": gemm["square_4096"]}
+            row["gflops"] = row["flops"] / row["cronos_run"] / 1e9
+            print(f"n={n}: cronos {row['cronos_wall']:.2f}s (compile {row['cronos_compile']:.2f}s) "
+                  f"objective {row['cronos_objective']:.5g} val {row['cronos_val']:.4f} {row['gflops']:.1f} GFLOP/s",
+                  flush=True)
+            if _JAXCLD.value:
+                ref_path = os.path.join(tmp, f"jaxcld_{n}.npz")
+                _spawn("jaxcld", data_path, ref_path)
+                ref = np.load(ref_path)
+                row.update(jaxcld_wall=float(ref["wall"]), jaxcld_objective=cronos.objective(problem, ref["v"], ref["w"]),
+                           jaxcld_val=float(ref["val_accuracy"]))
+                print(f"n={n}: jaxcld {row['jaxcld_wall']:.2f}s objective {row['jaxcld_objective']:.5g} "
+                      f"val {row['jaxcld_val']:.4f}", flush=True)
+            rows.append(row)
+            if n in adam_sizes:
+                adam_path = os.path.join(tmp, f"adam_{n}.json")
+                _spawn("adam", data_path, adam_path, f"--target_accuracy={row['cronos_val']}",
+                       f"--adam_max_seconds={_ADAM_SECONDS.value}")
+                adam = json.load(open(adam_path))
+                adam_rows.append({"n": n, "target": row["cronos_val"], "cronos_wall": row["cronos_wall"], **adam})
+                print(f"n={n}: adam {adam}", flush=True)
+    load_after = os.getloadavg()
+    _write_table(rows, adam_rows, load_before, load_after)
+
+
+def _write_table(rows, adam_rows, load_before, load_after):
+    lines = [
+        "# cronos benchmark",
+        "",
+        f"Generated by `python -m experiments.bench_cronos` on {datetime.date.today()}.",
+        f"Machine: {_machine()}. Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}.",
+        "",
+        f"Problem: two classes, d = {_DIM.value}, P = {_PATTERNS.value} patterns (128 hidden units), beta = {_BETA.value}, "
+        f"published fixed settings for both solvers (rho {RHO}, rank {RANK}, {ADMM_ITERS} ADMM x {PCG_ITERS} PCG, "
+        f"gamma {GAMMA}); cronos's PCG also stops once its relative residual reaches 10 * float32 eps. "
+        "Same data and patterns for both; objectives evaluated by `cronos.objective` in float64. "
+        "Wall time includes JIT compilation (each solver in a fresh process, imports excluded).",
+        "",
+        "## cronos vs jaxcld 0.2.4",
+        "",
+        "| n | jaxcld wall (s) | cronos wall (s) | cronos compile / run (s) | speed-up | jaxcld objective | cronos objective | objective ratio | jaxcld val acc | cronos val acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "jaxcld_wall" in r:
+            lines.append(
+                f"| {r['n']} | {r['jaxcld_wall']:.2f} | {r['cronos_wall']:.2f} | {r['cronos_compile']:.2f} / {r['cronos_run']:.2f} "
+                f"| {r['jaxcld_wall'] / r['cronos_wall']:.1f}x | {r['jaxcld_objective']:.5g} | {r['cronos_objective']:.5g} "
+                f"| {r['cronos_objective'] / r['jaxcld_objective']:.4f} | {r['jaxcld_val']:.4f} | {r['cronos_val']:.4f} |")
+    lines += [
+        "",
+        "## Counted FLOPs and achieved rate",
+        "",
+        "FLOPs: XLA cost analysis of the compiled setup, ADMM step and PCG iteration, times the executed iteration "
+        "counts. Rate = FLOPs / run time (compilation excluded). GEMM reference: best of 10 single `jnp.matmul` calls "
+        "of the solve's shape (n x d) @ (d x 128) and of a square 4096 GEMM.",
+        "",
+        "| n | PCG iterations | XLA GFLOP | run (s) | achieved GFLOP/s | GEMM (n x d x 128) GFLOP/s | % of that GEMM | square GEMM GFLOP/s | % of square |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['n']} | {r['pcg']} | {r['flops'] / 1e9:.1f} | {r['cronos_run']:.3f} | {r['gflops']:.1f} | {r['gemm_solve']:.1f} "
+            f"| {100 * r['gflops'] / r['gemm_solve']:.0f}% | {r['gemm_square']:.1f} | {100 * r['gflops'] / r['gemm_square']:.0f}% |")
+    if adam_rows:
+        lines += [
+            "",
+            "## Time to the same validation accuracy: cronos vs an optax-Adam ReLU MLP",
+            "",
+            "Adam baseline: two-layer ReLU MLP with the same 128 hidden units, softmax cross-entropy, Adam lr 1e-3, "
+            "batch 256, validation accuracy checked after every epoch; time includes its JIT compilation. "
+            f"Target = cronos's validation accuracy ({_VAL.value} held-out samples).",
+            "",
+            "| n | target val acc | cronos wall (s) | Adam time to target (s) | Adam epochs | Adam best val acc | speed-up |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in adam_rows:
+            if r["reached_seconds"] is None:
+                adam_time = f"not reached in {r['elapsed']:.0f}"
+                speedup = f"> {r['elapsed'] / r['cronos_wall']:.0f}x"
+            else:
+                adam_time = f"{r['reached_seconds']:.2f}"
+                speedup = f"{r['reached_seconds'] / r['cronos_wall']:.1f}x"
+            lines.append(f"| {r['n']} | {r['target']:.4f} | {r['cronos_wall']:.2f} | {adam_time} | {r['epochs']} "
+                         f"| {r['best_accuracy']:.4f} | {speedup} |")
+    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+    with open(_OUTPUT.value, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
