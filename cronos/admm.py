@@ -19,6 +19,12 @@ Structure used (no 2dP x 2dP matrix is ever formed):
     operator application is one GEMM over all classes.
 
 The gated-ReLU program is the same iteration without G, s, nu and with B = I.
+
+Beyond the published iteration (which fixed mode reproduces: relaxation 1, constraint scale 1):
+tolerance mode stops on relative primal/dual residuals, solves PCG inexactly with a tolerance that
+tightens as 0.1 / (k + 1)^2, warm-starts PCG from the previous solution, balances rho against the
+residuals every 5 iterations (duals rescaled, preconditioner refreshed) and over-relaxes with
+alpha = 1.6. An optional constraint scale s weights the cone block (G = s (2D - I) X).
 """
 
 from __future__ import annotations
@@ -104,7 +110,6 @@ class ADMMConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
 
-
     @property
     def effective_relaxation(self) -> float:
         """Over-relaxation used: `relaxation`, or 1 (fixed mode) / 1.6 (tolerance mode) when None."""
@@ -129,15 +134,16 @@ class _Statics(NamedTuple):
 class _Structure(NamedTuple):
     """Data-dependent pieces shared by every ADMM iteration.
 
-    With X^T X = Q diag(sigma^2) Q^T restricted to its top k = min(n, d) eigenvectors Qk, the block
-    B = I + X^T X has B^{-1} = I + Qk diag(1/(1+sigma^2) - 1) Qk^T and B^{-1/2} likewise. The
+    With s^2 X^T X = Q diag(lam) Q^T (s the constraint scale) restricted to its top k = min(n, d)
+    eigenvectors Qk, the block B = I + s^2 X^T X has B^{-1} = I + Qk diag(1/(1+lam) - 1) Qk^T and
+    B^{-1/2} likewise. The
     preconditioner B^{-1/2} P_nys^{-1} B^{-1/2} = B^{-1} + (B^{-1/2} U) diag(f(rho)) (B^{-1/2} U)^T
     costs one B^{-1} application plus a rank-r update.
     """
 
     sigma: Any  # scale of the cone operator G = sigma * (2D - I) X
     eigvecs: Any  # (d, k) top eigenvectors of sigma^2 X^T X (None for gated ReLU)
-    inv_minus_one: Any  # (k,) 1 / (1 + sigma^2) - 1
+    inv_minus_one: Any  # (k,) 1 / (1 + lam) - 1
     approx: nystrom.NystromApprox  # U already multiplied by B^{-1/2}
     fty: jax.Array  # (d, C, P) F0^T Y
 

@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class NystromApprox(NamedTuple):
@@ -19,30 +20,41 @@ class NystromApprox(NamedTuple):
     eigvals: jax.Array
 
 
+def _orthonormal_columns(A: jax.Array, eps) -> tuple[jax.Array, jax.Array]:
+    """Orthonormal basis of A's column space through the eigendecomposition of A^T A (r x r).
+
+    Returns (A V diag(s^-1), s^2) with columns of negligible singular value s zeroed. Cheaper to
+    compile than a QR or SVD of the tall matrix and exact for the well-conditioned sketches here.
+    """
+    gram = A.T @ A
+    vals, vecs = jnp.linalg.eigh(0.5 * (gram + gram.T))
+    vals, vecs = vals[::-1], vecs[:, ::-1]  # descending
+    keep = vals > jnp.max(vals) * A.shape[1] * eps
+    inv_sing = jnp.where(keep, lax.rsqrt(jnp.where(keep, vals, 1.0)), 0.0)
+    return A @ (vecs * inv_sing[None, :]), jnp.where(keep, vals, 0.0)
+
+
 def nystrom_sketch(operator: Callable[[jax.Array], jax.Array], key: jax.Array, d: int, p: int, rank: int, dtype) -> NystromApprox:
     """Stable randomized Nyström approximation of a PSD operator on (d, C, P) tensors.
 
     Uses a shift nu = sqrt(N) * eps(dtype) * ||Y||_F that is meaningful in the working precision
-    and an eigendecomposition of the core (instead of a Cholesky factorisation), so a rank-deficient
+    and eigendecompositions of r x r matrices (instead of Cholesky, QR and SVD), so a rank-deficient
     sketch (rank larger than the operator's rank, duplicate data, an all-zero operator) gives zero
     eigenvalues instead of NaN.
     """
     n_dim = d * p
-    omega = jax.random.normal(key, (n_dim, rank), dtype=dtype)
-    omega, _ = jnp.linalg.qr(omega)
+    eps = jnp.finfo(dtype).eps
+    omega, _ = _orthonormal_columns(jax.random.normal(key, (n_dim, rank), dtype=dtype), eps)
     omega_t = omega.reshape(d, p, rank).transpose(0, 2, 1)  # (d, r, P): r vectors
     sketch = operator(omega_t).transpose(0, 2, 1).reshape(n_dim, rank)
-    eps = jnp.finfo(dtype).eps
     shift = jnp.sqrt(jnp.asarray(n_dim, dtype)) * eps * jnp.linalg.norm(sketch)
     sketch = sketch + shift * omega
     core = omega.T @ sketch
-    core = 0.5 * (core + core.T)
-    core_vals, core_vecs = jnp.linalg.eigh(core)
+    core_vals, core_vecs = jnp.linalg.eigh(0.5 * (core + core.T))
     keep = core_vals > jnp.max(core_vals) * rank * eps
-    inv_sqrt = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, core_vals, 1.0)), 0.0)
-    factor = sketch @ (core_vecs * inv_sqrt[None, :])
-    U, sing, _ = jnp.linalg.svd(factor, full_matrices=False)
-    eigvals = jnp.maximum(sing**2 - shift, 0.0)
+    inv_sqrt = jnp.where(keep, lax.rsqrt(jnp.where(keep, core_vals, 1.0)), 0.0)
+    U, sing2 = _orthonormal_columns(sketch @ (core_vecs * inv_sqrt[None, :]), eps)
+    eigvals = jnp.maximum(sing2 - shift, 0.0)
     return NystromApprox(U=U.reshape(d, p, rank), eigvals=eigvals)
 
 
