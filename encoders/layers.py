@@ -50,8 +50,8 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype))
-        return y if self.bias is None else y + self.bias.value.astype(self.dtype)
+        y = jnp.dot(x.astype(self.dtype), self.kernel.get_value().astype(self.dtype))
+        return y if self.bias is None else y + self.bias.get_value().astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -68,7 +68,7 @@ class LayerNorm(nnx.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.scale.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -89,7 +89,7 @@ class Conv1d(nnx.Module):
 
     def __call__(self, x):
         x = x.astype(self.dtype)
-        kernel = self.kernel.value.astype(self.dtype)
+        kernel = self.kernel.get_value().astype(self.dtype)
         if self.padding:
             x = jnp.pad(x, ((0, 0), (self.padding, self.padding), (0, 0)))
         k, c_in, c_out = kernel.shape
@@ -102,7 +102,53 @@ class Conv1d(nnx.Module):
             y = jax.lax.conv_general_dilated(
                 x, kernel, (self.stride,), "VALID", dimension_numbers=("NWC", "WIO", "NWC"),
                 feature_group_count=self.groups)
-        return y if self.bias is None else y + self.bias.value.astype(self.dtype)
+        return y if self.bias is None else y + self.bias.get_value().astype(self.dtype)
+
+
+CPU_QUERY_BLOCK = 512
+
+
+def blockwise_attention(q, k, v, key_mask=None, block: int = CPU_QUERY_BLOCK):
+    """Softmax attention computed one (head, query block) at a time with `lax.map`.
+
+    q, k, v: (B, T, N, H), already scaled; key_mask: optional bool (B, T). The
+    (block x T) score tiles stay in cache, which makes this several times faster
+    than materialising all (B, N, T, T) scores on CPU. Scores and the softmax
+    run in float32.
+    """
+    b, t, n, h = q.shape
+    num_blocks = -(-t // block)
+    block = -(-t // num_blocks)
+    q = jnp.pad(q, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
+    q = q.reshape(b, num_blocks, block, n, h).transpose(3, 1, 0, 2, 4).reshape(n * num_blocks, b, block, h)
+    k, v = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # (N, B, T, H)
+    bias = None if key_mask is None else jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, :]
+
+    def one(args):
+        q_blk, head = args
+        s = jnp.einsum("bqh,bkh->bqk", q_blk, k[head], preferred_element_type=jnp.float32)
+        if bias is not None:
+            s = s + bias
+        p = jnp.exp(s - s.max(-1, keepdims=True))
+        o = jnp.einsum("bqk,bkh->bqh", p.astype(v.dtype), v[head], preferred_element_type=jnp.float32)
+        return (o / p.sum(-1, keepdims=True)).astype(v.dtype)
+
+    heads = jnp.repeat(jnp.arange(n), num_blocks)
+    out = jax.lax.map(one, (q, heads))  # (N * blocks, B, block, H)
+    out = out.reshape(n, num_blocks, b, block, h).transpose(2, 1, 3, 0, 4).reshape(b, num_blocks * block, n, h)
+    return out[:, :t]
+
+
+def attention(q, k, v, key_mask=None):
+    """Scaled (q pre-scaled) bidirectional attention on (B, T, N, H) with an optional (B, T) key mask.
+
+    Uses `blockwise_attention` on CPU without an active mesh, else `jax.nn.dot_product_attention`
+    (fused kernels on accelerators; sharding-friendly under a mesh).
+    """
+    if jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty:
+        return blockwise_attention(q, k, v, key_mask)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
 
 
 class Attention(nnx.Module):
@@ -125,8 +171,7 @@ class Attention(nnx.Module):
         split = lambda y: constrain(y.reshape(b, t, self.num_heads, head_dim), ("batch", "length", "heads", "kv"))
         q = split(self.q_proj(x) * head_dim**-0.5)
         k, v = split(self.k_proj(x)), split(self.v_proj(x))
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
+        y = attention(q, k, v, key_mask)
         y = constrain(y, ("batch", "length", "heads", "kv")).reshape(b, t, d)
         return self.out_proj(y)
 

@@ -206,9 +206,9 @@ def assign_params(model: nnx.Module, tensors: Mapping[str, np.ndarray],
                          f"  unexpected keys: {unexpected}")
     for name, (kernel, var) in wanted.items():
         value = to_flax_layout(name, np.asarray(tensors[name]), kernel)
-        if value.shape != var.value.shape:
-            raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {var.value.shape}")
-        var.value = jnp.asarray(value.astype(np.float32), dtype=var.value.dtype)
+        if value.shape != var.get_value().shape:
+            raise ValueError(f"{name}: checkpoint shape {value.shape} != model shape {var.get_value().shape}")
+        var.set_value(jnp.asarray(value.astype(np.float32), dtype=var.get_value().dtype))
 
 
 def build_model(make: Callable[[], nnx.Module], tensors: Mapping[str, np.ndarray],

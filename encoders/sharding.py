@@ -62,7 +62,7 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULE
 
 def param_sharding(var: nnx.Variable, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
     """NamedSharding of one parameter, from its `logical_axes` metadata."""
-    names = var.get_metadata().get("logical_axes") or (None,) * var.value.ndim
+    names = var.get_metadata().get("logical_axes") or (None,) * var.get_value().ndim
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
@@ -70,5 +70,5 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.
     """Places every parameter of `model` on `mesh` according to the logical-axis rules (in place)."""
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable):
-            var.value = jax.device_put(var.value, param_sharding(var, mesh, rules))
+            var.set_value(jax.device_put(var.get_value(), param_sharding(var, mesh, rules)))
     return model

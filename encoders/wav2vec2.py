@@ -59,7 +59,7 @@ class ChannelNorm(nnx.Module):
         mean = x32.mean(1, keepdims=True)
         var = jnp.square(x32 - mean).mean(1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(self.dtype)
+        return (y * self.scale.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)).astype(self.dtype)
 
 
 class FeatureConvLayer(nnx.Module):

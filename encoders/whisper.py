@@ -114,7 +114,7 @@ class WhisperEncoder(JittedEncoder):
         x = jnp.swapaxes(mel, 1, 2)
         x = self.act(self.conv1(x))
         x = self.act(self.conv2(x))
-        x = x + self.embed_positions.embedding.value.astype(x.dtype)
+        x = x + self.embed_positions.embedding.get_value().astype(x.dtype)
         return run_layers(self.layers, x, None, self.layer_norm, indices)
 
     @classmethod
