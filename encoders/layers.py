@@ -109,9 +109,9 @@ CPU_QUERY_BLOCK = 512
 
 
 def blockwise_attention(q, k, v, key_mask=None, block: int = CPU_QUERY_BLOCK):
-    """Softmax attention computed one (head, query block) at a time with `lax.map`.
+    """Softmax attention computed one (example, head, query block) tile at a time with `lax.map`.
 
-    q, k, v: (B, T, N, H), already scaled; key_mask: optional bool (B, T). The
+    q, k, v: (B, T, N, H), q already scaled; key_mask: optional bool (B, T). The
     (block x T) score tiles stay in cache, which makes this several times faster
     than materialising all (B, N, T, T) scores on CPU. Scores and the softmax
     run in float32.
@@ -120,22 +120,22 @@ def blockwise_attention(q, k, v, key_mask=None, block: int = CPU_QUERY_BLOCK):
     num_blocks = -(-t // block)
     block = -(-t // num_blocks)
     q = jnp.pad(q, ((0, 0), (0, num_blocks * block - t), (0, 0), (0, 0)))
-    q = q.reshape(b, num_blocks, block, n, h).transpose(3, 1, 0, 2, 4).reshape(n * num_blocks, b, block, h)
-    k, v = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # (N, B, T, H)
-    bias = None if key_mask is None else jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, :]
+    q = q.reshape(b, num_blocks, block, n, h).transpose(0, 3, 1, 2, 4).reshape(b * n * num_blocks, block, h)
+    k = k.transpose(0, 2, 1, 3).reshape(b * n, t, h)
+    v = v.transpose(0, 2, 1, 3).reshape(b * n, t, h)
+    bias = None if key_mask is None else jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)
 
-    def one(args):
-        q_blk, head = args
-        s = jnp.einsum("bqh,bkh->bqk", q_blk, k[head], preferred_element_type=jnp.float32)
+    def tile(args):
+        q_blk, i = args  # i indexes (example, head)
+        s = jnp.dot(q_blk, k[i].T, preferred_element_type=jnp.float32)
         if bias is not None:
-            s = s + bias
+            s = s + bias[i // n]
         p = jnp.exp(s - s.max(-1, keepdims=True))
-        o = jnp.einsum("bqk,bkh->bqh", p.astype(v.dtype), v[head], preferred_element_type=jnp.float32)
+        o = jnp.dot(p.astype(v.dtype), v[i], preferred_element_type=jnp.float32)
         return (o / p.sum(-1, keepdims=True)).astype(v.dtype)
 
-    heads = jnp.repeat(jnp.arange(n), num_blocks)
-    out = jax.lax.map(one, (q, heads))  # (N * blocks, B, block, H)
-    out = out.reshape(n, num_blocks, b, block, h).transpose(2, 1, 3, 0, 4).reshape(b, num_blocks * block, n, h)
+    out = jax.lax.map(tile, (q, jnp.repeat(jnp.arange(b * n), num_blocks)))
+    out = out.reshape(b, n, num_blocks, block, h).transpose(0, 2, 3, 1, 4).reshape(b, num_blocks * block, n, h)
     return out[:, :t]
 
 

@@ -60,10 +60,13 @@ def resolve_file(model_dir_or_repo: str, filename: str) -> str:
         return path
     if _offline():
         raise _offline_error(model_dir_or_repo, filename)
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
+    try:
         return hf_hub_download(model_dir_or_repo, filename)
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(f"{filename} not found in the Hub repo {model_dir_or_repo}") from e
     except Exception as e:
         raise _offline_error(model_dir_or_repo, filename) from e
 

@@ -211,8 +211,7 @@ class Wav2Vec2Encoder(JittedEncoder):
         self.feature_projection = FeatureProjection(config, **kw)
         self.encoder = TransformerEncoder(config, **kw)
         self.num_states = config.num_hidden_layers + 1
-        self.source: str | None = None
-        self.language: str | None = None
+        self.source: str | None = None  # checkpoint directory or repo id, for load_adapter
 
     def frame_lengths(self, sample_lengths):
         """Number of encoder frames produced from `sample_lengths` samples (conv arithmetic)."""
@@ -285,7 +284,6 @@ class Wav2Vec2Encoder(JittedEncoder):
             prefix = f"encoder.layers.{i}.adapter_layer."
             loading.assign_params(layer.adapter_layer, {k[len(prefix):]: v for k, v in tensors.items()
                                                         if k.startswith(prefix)})
-        self.language = language_or_path
 
 
 def fold_weight_norm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
