@@ -7,6 +7,7 @@ read without torch through a restricted unpickler that only rebuilds tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -69,6 +70,12 @@ def resolve_file(model_dir_or_repo: str, filename: str) -> str:
         raise FileNotFoundError(f"{filename} not found in the Hub repo {model_dir_or_repo}") from e
     except Exception as e:
         raise _offline_error(model_dir_or_repo, filename) from e
+
+
+def dataclass_from_config(cls, config: dict):
+    """Builds dataclass `cls` from the same-named fields of a transformers config dict (lists -> tuples)."""
+    values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def load_config(model_dir: str) -> dict:

@@ -41,9 +41,7 @@ class Wav2Vec2Config:
         """Picks the encoder fields out of a transformers config dict."""
         if config.get("add_adapter"):
             raise NotImplementedError("the wav2vec2 output adapter (add_adapter=True) is not supported")
-        values = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(**values)
+        return loading.dataclass_from_config(cls, config)
 
 
 class ChannelNorm(nnx.Module):

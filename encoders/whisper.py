@@ -28,7 +28,7 @@ class WhisperConfig:
     @classmethod
     def from_dict(cls, config: dict) -> "WhisperConfig":
         """Picks the encoder fields out of a transformers config dict."""
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config})
+        return loading.dataclass_from_config(cls, config)
 
     @classmethod
     def preset(cls, size: str) -> "WhisperConfig":

@@ -147,12 +147,14 @@ def main(argv):
     if FLAGS.worker:
         print("RESULT " + json.dumps(run_worker(FLAGS.worker)))
         return
-    best = {}
+    best, log = {}, []
     for round_ in range(FLAGS.repeats):
         for model in FLAGS.models:
             for framework in FLAGS.frameworks:
                 row = run_subprocess(model, framework)
                 print(f"round {round_}: {row}", flush=True)
+                log.append(f"| {round_} | {model} | {framework} | {row['first_s']:.1f} | {row['steady_s']:.2f} | "
+                           f"{row['peak_rss_gib']:.2f} |")
                 key = (model, framework)
                 if key not in best or row["steady_s"] < best[key]["steady_s"]:
                     best[key] = row
@@ -178,6 +180,8 @@ def main(argv):
         ratio = r["throughput"] / torch_tp[r["model"]] if r["model"] in torch_tp else float("nan")
         lines.append(f"| {r['model']} | {r['framework']} | {r['first_s']:.1f} | {r['steady_s']:.2f} | "
                      f"{r['throughput']:.1f} | {r['peak_rss_gib']:.2f} | {ratio:.2f}x |")
+    lines += ["", "Every round:", "", "| round | model | framework | first call (s) | steady (s/batch) | "
+              "peak RSS (GiB) |", "|---|---|---|---|---|---|", *log]
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     with open(FLAGS.out, "w") as f:
         f.write("\n".join(lines) + "\n")
