@@ -1,0 +1,128 @@
+"""Parity of encoders.wav2vec2 with transformers' PyTorch Wav2Vec2 (base, XLS-R and MMS styles)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from encoders_testutil import TOL, max_err, random_audio, tiny_wav2vec2
+
+from encoders import layers, wav2vec2
+
+
+@pytest.fixture(scope="module", params=["base", "xlsr", "mms"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, str(path), tiny_wav2vec2(path, request.param)
+
+
+def padded_batch():
+    audio = random_audio(3, 4000)
+    mask = np.ones_like(audio, dtype=np.int64)
+    mask[1, 2500:] = 0
+    mask[2, 1200:] = 0
+    return wav2vec2.normalize(audio, mask), mask
+
+
+def reference(model, audio, mask=None):
+    """transformers' outputs; hidden_states end with last_hidden_state (after the final layer norm).
+
+    transformers 5.x returns the last layer's output *before* the final layer
+    norm as hidden_states[-1] for wav2vec2 (tie_last_hidden_states=False); the
+    encoders convention (and transformers 4.x) ends with the normed state.
+    """
+    with torch.no_grad():
+        out = model.wav2vec2(torch.from_numpy(audio), attention_mask=None if mask is None else
+                             torch.from_numpy(mask), output_hidden_states=True)
+    out.hidden_states = out.hidden_states[:-1] + (out.last_hidden_state,)
+    return out
+
+
+def test_hidden_states_match(checkpoint):
+    style, path, ref = checkpoint
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(path)
+    audio = random_audio()
+    out = reference(ref, audio)
+    assert max_err(enc(audio), out.last_hidden_state) < TOL
+    states = enc(audio, output_hidden_states=True)
+    assert len(states) == len(out.hidden_states) == 4
+    errors = [max_err(a, b) for a, b in zip(states, out.hidden_states)]
+    print(f"{style} hidden-state max errors:", errors)
+    assert max(errors) < TOL
+
+
+def test_padded_batch_with_attention_mask(checkpoint):
+    style, path, ref = checkpoint
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(path)
+    audio, mask = padded_batch()
+    out = reference(ref, audio, mask)
+    states = enc(audio, attention_mask=mask, output_hidden_states=True)
+    errors = [max_err(a, b) for a, b in zip(states, out.hidden_states)]
+    print(f"{style} padded-batch max errors:", errors)
+    assert max(errors) < TOL
+    frames = enc.frame_mask(mask, states[-1].shape[1])
+    expected = ref.wav2vec2._get_feature_vector_attention_mask(states[-1].shape[1], torch.from_numpy(mask))
+    np.testing.assert_array_equal(np.asarray(frames), expected.numpy())
+
+
+def test_truncation_matches_truncated_transformers(checkpoint):
+    style, path, _ = checkpoint
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(path, num_layers=2)
+    ref = transformers.Wav2Vec2ForCTC.from_pretrained(path, num_hidden_layers=2).eval()
+    audio, mask = padded_batch()
+    out = reference(ref, audio, mask)
+    states = enc(audio, attention_mask=mask, output_hidden_states=True)
+    assert len(states) == 3
+    assert max(max_err(a, b) for a, b in zip(states, out.hidden_states)) < TOL
+
+
+def test_mms_adapter_swap_matches_and_does_not_recompile(tmp_path):
+    ref = tiny_wav2vec2(tmp_path, "mms")
+    ref = transformers.Wav2Vec2ForCTC.from_pretrained(str(tmp_path)).eval()
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(str(tmp_path))
+    audio, mask = padded_batch()
+    before = np.asarray(enc(audio, attention_mask=mask))
+    for lang in ("eng", "fra", "eng"):
+        enc.load_adapter(lang)
+        ref.load_adapter(lang)
+        out = reference(ref, audio, mask)
+        err = max(max_err(a, b) for a, b in zip(enc(audio, attention_mask=mask, output_hidden_states=True),
+                                                out.hidden_states))
+        print(f"mms adapter {lang}: max error {err:.2e}")
+        assert err < TOL
+    assert not np.allclose(before, np.asarray(enc(audio, attention_mask=mask)))
+    compiled = layers._compiled_forward(nnx.graphdef(enc), None)
+    entries = layers._compiled_forward.cache_info().currsize
+    assert compiled._cache_size() == 1
+    enc.load_adapter(str(tmp_path / "adapter.fra.safetensors"))
+    enc(audio, attention_mask=mask)
+    assert compiled._cache_size() == 1
+    assert layers._compiled_forward.cache_info().currsize == entries
+
+
+def test_adapter_errors(tmp_path, checkpoint):
+    style, path, _ = checkpoint
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(path)
+    if style != "mms":
+        with pytest.raises(ValueError, match="no adapter"):
+            enc.load_adapter("eng")
+    else:
+        with pytest.raises(FileNotFoundError, match="adapter.xyz"):
+            enc.load_adapter("xyz")
+
+
+def test_bf16_error_is_small(checkpoint):
+    style, path, ref = checkpoint
+    audio = random_audio(1)
+    expected = reference(ref, audio).last_hidden_state
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    err = max_err(enc(audio), expected)
+    print(f"{style} bf16 params+compute: max abs error {err:.4f} (output std {float(expected.std()):.3f})")
+    assert err < 0.25
+
+
+def test_rejects_wrong_rank(checkpoint):
+    enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(checkpoint[1])
+    with pytest.raises(ValueError, match="batch, samples"):
+        enc(random_audio(1)[0])
