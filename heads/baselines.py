@@ -87,7 +87,7 @@ class NNHead(Head):
                                epochs=epochs, batch_size=batch_size)
         graphdef, abstract = _graphdef(dim, hidden, len(languages), dropout)
         init_key, data_key, dropout_key = jax.random.split(jax.random.key(seed), 3)
-        params = nnx.split(MLP(dim, hidden, len(languages), dropout, rngs=nnx.Rngs(init_key)))[1].to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(MLP(dim, hidden, len(languages), dropout, rngs=nnx.Rngs(init_key))))
         tx = optax.adamw(learning_rate, weight_decay=weight_decay)
         train = dict(params=params, opt_state=tx.init(params), step=jnp.asarray(0, jnp.int32),
                      data_key=jax.random.key_data(data_key), dropout_key=jax.random.key_data(dropout_key))
