@@ -149,7 +149,8 @@ class Head:
 
 def load_head(path: str) -> Head:
     """Loads any saved head directory, dispatching on metadata["head_type"]."""
-    head_type = io.read_head(path)[1].get("head_type")
+    tensors, metadata = io.read_head(path)
+    head_type = metadata.get("head_type")
     if head_type not in _REGISTRY:
         raise ValueError(f"{path} holds an unknown head type {head_type!r}; known: {sorted(_REGISTRY)}.")
-    return _REGISTRY[head_type].load(path)
+    return _REGISTRY[head_type](tensors, metadata)

@@ -107,19 +107,23 @@ class NNHead(Head):
         if checkpoint_dir is not None:
             manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train,
                                                dict(hyperparameters, seed=seed, n=n, dim=dim, languages=list(languages)))
-        start, compile_seconds, losses = time.perf_counter(), None, []
-        step, order = int(train["step"]), None
+        start = time.perf_counter()
+        executables = {b: step_fn.lower(train, jax.ShapeDtypeStruct((b, dim), jnp.float32),
+                                        jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
+                       for b in {min(batch_size, n), n % batch_size or batch_size}}
+        compile_seconds, start = time.perf_counter() - start, time.perf_counter()
+        step_flops = {b: float(exe.cost_analysis().get("flops", np.nan)) for b, exe in executables.items()}
+        step, order, losses, flops = int(train["step"]), None, [], 0.0
         while step < total:
             epoch, batch = divmod(step, steps_per_epoch)
             if order is None or batch == 0:  # the epoch's data order is a function of (data key, epoch)
                 order = np.asarray(jax.random.permutation(
                     jax.random.fold_in(jax.random.wrap_key_data(train["data_key"]), epoch), n))
             index = order[batch * batch_size:(batch + 1) * batch_size]
-            train, loss = _train_step(step_fn, train, jnp.asarray(x[index]), jnp.asarray(y[index]))
+            train, loss = _train_step(executables[len(index)], train, jnp.asarray(x[index]), jnp.asarray(y[index]))
+            flops += step_flops[len(index)]
             step += 1
             losses.append(float(loss))
-            if compile_seconds is None:
-                compile_seconds = time.perf_counter() - start
             if manager is not None:
                 manager.save(step, args=ocp.args.StandardSave(train), force=step == total)
         if manager is not None:
@@ -128,8 +132,8 @@ class NNHead(Head):
         flat = io.flatten(jax.device_get(train["params"]))
         metadata = cls.make_metadata(languages, dim, hyperparameters=hyperparameters, seeds=dict(seed=seed),
                                      encoder=encoder, pooling=pooling, trainer="optax.adamw")
-        train_info = dict(compile_seconds=compile_seconds or 0.0, run_seconds=time.perf_counter() - start,
-                          steps=total, losses=losses)
+        train_info = dict(compile_seconds=compile_seconds, run_seconds=time.perf_counter() - start, steps=total,
+                          flops=flops, losses=losses)  # flops and losses: the steps this call ran
         return cls(flat, metadata, train_info)
 
 
@@ -182,12 +186,14 @@ class LinearHead(Head):
         if not C > 0:
             raise ValueError(f"C (inverse regularisation strength) must be positive, got {C}.")
         start = time.perf_counter()
-        params, iterations = _lbfgs_logistic(jnp.asarray(x), jnp.asarray(y), len(languages), C, max_iter, tol)
-        params = jax.device_get(params)
+        args = (jnp.asarray(x), jnp.asarray(y), len(languages), C, max_iter, tol)
+        executable = _lbfgs_logistic.lower(*args).compile()
+        compile_seconds, start = time.perf_counter() - start, time.perf_counter()
+        params, iterations = jax.device_get(executable(args[0], args[1], args[3], args[5]))
         hyperparameters = dict(C=C, max_iter=max_iter, tol=tol)
         metadata = cls.make_metadata(languages, x.shape[1], hyperparameters=hyperparameters, seeds={},
                                      encoder=encoder, pooling=pooling, trainer="optax.lbfgs")
-        train_info = dict(run_seconds=time.perf_counter() - start, iterations=int(iterations))
+        train_info = dict(compile_seconds=compile_seconds, run_seconds=time.perf_counter() - start, iterations=int(iterations))
         return cls(params, metadata, train_info)
 
 
