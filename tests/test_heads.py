@@ -223,3 +223,12 @@ def test_bad_inputs_raise_clear_errors(fitted):
         LinearHead.fit(X, y, languages=["en", "en", "zh"])
     with pytest.raises(ValueError, match=r"0\.\.2"):
         LinearHead.fit(X, y + 1, languages=["en", "hi", "zh"])
+
+
+def test_legacy_array_record_must_use_numpy_reconstruct(tmp_path):
+    from jax._src.array import _reconstruct_array
+
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(_Shell(_reconstruct_array, (np.dtype, ("f4",), None, {}))))
+    with pytest.raises(pickle.UnpicklingError, match="expected numpy's _reconstruct"):
+        load_legacy_pickle(str(path))
