@@ -1,0 +1,156 @@
+"""What every head shares: language/label/embedding validation, the prediction interface, save/load.
+
+A head is immutable state (`params`, a flat name -> array dict; `languages`; `metadata`) plus a pure,
+jitted forward function `forward(params, x) -> (B, C) logits` defined by each subclass. Class c is
+the c-th language of the sorted ISO-639-1 codes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, ClassVar, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from heads import io
+
+__all__ = ["Head", "ISO_639_1", "PUBLISHED_LANGUAGES", "check_embeddings", "check_languages", "encode_labels", "load_head"]
+
+ISO_639_1 = frozenset(
+    "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz "
+    "ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr ht hu hy hz ia id ie ig ii ik "
+    "io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw ky la lb lg li ln lo lt lu lv mg mh mi mk ml "
+    "mn mr ms mt my na nb nd ne ng nl nn no nr nv ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd "
+    "se sg si sk sl sm sn so sq sr ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi "
+    "vo wa wo xh yi yo za zh zu".split()
+)
+
+# Label order of the released jaxcld heads, by number of classes.
+PUBLISHED_LANGUAGES = {2: ("en", "zh"), 5: ("en", "hi", "id", "ms", "zh")}
+
+_REGISTRY: dict[str, type["Head"]] = {}
+
+
+def check_languages(languages: Sequence[str]) -> tuple[str, ...]:
+    """Validates distinct ISO-639-1 codes (at least two) and returns them sorted: the label order."""
+    if isinstance(languages, str) or languages is None:
+        raise ValueError(f"languages must be a sequence of ISO-639-1 codes such as ['en', 'zh'], got {languages!r}.")
+    languages = list(languages)
+    unknown = [lang for lang in languages if not isinstance(lang, str) or lang not in ISO_639_1]
+    if unknown:
+        raise ValueError(f"unknown language code(s) {unknown}: expected lower-case ISO-639-1 codes such as 'en', 'zh'.")
+    duplicated = sorted({lang for lang in languages if languages.count(lang) > 1})
+    if duplicated:
+        raise ValueError(f"languages must be distinct; repeated: {duplicated}.")
+    if len(languages) < 2:
+        raise ValueError(f"a language-detection head needs at least two languages, got {languages}.")
+    return tuple(sorted(languages))
+
+
+def check_embeddings(embeddings, dim: int | None = None) -> np.ndarray:
+    """(B, d) finite float32 embeddings; `dim` (the head's embedding dim) is checked when given."""
+    x = np.asarray(embeddings)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be pooled (B, d) arrays; got shape {x.shape}.")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"embeddings must be numeric; got dtype {x.dtype}.")
+    x = x.astype(np.float32)
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"embedding dimension mismatch: the head expects d={dim}, got embeddings with d={x.shape[1]}.")
+    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ValueError(f"embeddings contain {bad} NaN or infinite values.")
+    return x
+
+
+def encode_labels(labels, languages: Sequence[str], num_samples: int) -> np.ndarray:
+    """(n,) int32 labels from ints 0..C-1 (sorted-language order) or ISO codes; every class must occur."""
+    raw = np.asarray(labels)
+    if raw.ndim != 1 or raw.shape[0] != num_samples:
+        raise ValueError(f"labels must be a 1-D sequence of {num_samples} entries (one per embedding); got shape {raw.shape}.")
+    if np.issubdtype(raw.dtype, np.integer):
+        out_of_range = sorted(set(raw[(raw < 0) | (raw >= len(languages))].tolist()))
+        if out_of_range:
+            raise ValueError(f"integer labels must lie in 0..{len(languages) - 1} ({list(languages)}); got {out_of_range}.")
+        y = raw.astype(np.int32)
+    else:
+        index = {lang: i for i, lang in enumerate(languages)}
+        unknown = sorted({str(label) for label in raw.tolist() if label not in index})
+        if unknown:
+            raise ValueError(f"unknown label language(s) {unknown}; the head's languages are {list(languages)}.")
+        y = np.array([index[label] for label in raw.tolist()], np.int32)
+    counts = np.bincount(y, minlength=len(languages))
+    empty = [languages[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"no training examples for language(s) {empty}; every class needs at least one.")
+    return y
+
+
+class Head:
+    """Base class: a pure forward function over explicit `params`, plus languages and metadata.
+
+    Subclasses set `head_type`, `forward` (jitted `(params, x) -> logits`) and a `fit` classmethod.
+    """
+
+    head_type: ClassVar[str]
+    forward: ClassVar[Callable[[dict, Any], Any]]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[cls.head_type] = cls
+
+    def __init__(self, params: dict[str, np.ndarray], metadata: dict, train_info: dict | None = None):
+        """Wraps trained `params`; `metadata` must hold languages and embedding_dim (see `make_metadata`)."""
+        self.params = {name: np.asarray(value) for name, value in params.items()}
+        self.metadata = dict(metadata)
+        self.languages = check_languages(self.metadata["languages"])
+        if list(self.languages) != list(self.metadata["languages"]):
+            raise ValueError(f"metadata languages {self.metadata['languages']} are not in sorted label order.")
+        self.embedding_dim = int(self.metadata["embedding_dim"])
+        self.train_info = dict(train_info or {})
+        self._device_params = {name: jnp.asarray(value) for name, value in self.params.items()}
+
+    @classmethod
+    def make_metadata(cls, languages, embedding_dim: int, *, hyperparameters: dict, seeds: dict,
+                      encoder: str | None = None, pooling: str = "mean", metrics: dict | None = None, **extra) -> dict:
+        """The metadata record written to head.json (everything but the weights)."""
+        return dict(head_type=cls.head_type, languages=list(languages), embedding_dim=int(embedding_dim),
+                    encoder=encoder, pooling=pooling, hyperparameters=dict(hyperparameters), seeds=dict(seeds),
+                    metrics=dict(metrics or {}), **extra)
+
+    def logits(self, embeddings) -> np.ndarray:
+        """(B, C) class scores for pooled (B, d) embeddings."""
+        x = check_embeddings(embeddings, self.embedding_dim)
+        return np.asarray(type(self).forward(self._device_params, jnp.asarray(x)))
+
+    def predict(self, embeddings) -> np.ndarray:
+        """(B,) int labels: indices into `languages`."""
+        return np.argmax(self.logits(embeddings), axis=1)
+
+    def predict_languages(self, embeddings) -> list[str]:
+        """Predicted ISO-639-1 codes, one per embedding."""
+        return [self.languages[i] for i in self.predict(embeddings)]
+
+    def save(self, directory: str, metrics: dict | None = None) -> None:
+        """Writes directory/head.safetensors + head.json; `metrics` are merged into metadata["metrics"]."""
+        if metrics:
+            self.metadata["metrics"] = {**self.metadata.get("metrics", {}), **metrics}
+        io.write_head(directory, self.params, self.metadata)
+
+    @classmethod
+    def load(cls, path: str) -> "Head":
+        """Loads a directory written by `save` (a head of this class)."""
+        tensors, metadata = io.read_head(path)
+        if metadata.get("head_type") != cls.head_type:
+            raise ValueError(f"{path} holds a {metadata.get('head_type')!r} head, not a {cls.head_type!r} head.")
+        return cls(tensors, metadata)
+
+
+def load_head(path: str) -> Head:
+    """Loads any saved head directory, dispatching on metadata["head_type"]."""
+    tensors, metadata = io.read_head(path)
+    head_type = metadata.get("head_type")
+    if head_type not in _REGISTRY:
+        raise ValueError(f"{path} holds an unknown head type {head_type!r}; known: {sorted(_REGISTRY)}.")
+    return _REGISTRY[head_type](tensors, metadata)

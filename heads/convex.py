@@ -1,0 +1,95 @@
+"""Convex ReLU language-detection head: a two-layer ReLU network fitted by `cronos` on pooled embeddings.
+
+Class-c score = relu(x @ W1[c]) @ w2[c] with W1 (C, d, 2P), w2 (C, 2P) from `SolveResult.mlp_weights()`
+(one-vs-all: each class has its own 2P hidden units, as in the published jaxcld heads).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cronos
+from heads import legacy
+from heads.base import PUBLISHED_LANGUAGES, Head, check_embeddings, check_languages, encode_labels
+
+__all__ = ["ConvexReLUHead", "convex_relu_logits"]
+
+
+@jax.jit
+def convex_relu_logits(params: dict, x: jax.Array) -> jax.Array:
+    """(B, C) logits relu(x @ W1[c]) @ w2[c], computed exactly as jaxcld's `stacked_predict`."""
+    return jax.vmap(lambda w1, w2: jax.nn.relu(x @ w1) @ w2)(params["W1"], params["w2"]).T
+
+
+class ConvexReLUHead(Head):
+    """Two-layer ReLU head trained to the optimum of its convex reformulation (CRONOS ADMM)."""
+
+    head_type = "convex_relu"
+    forward = staticmethod(convex_relu_logits)
+
+    @classmethod
+    def fit(cls, embeddings, labels, languages, *, n_patterns: int = 64, beta: float = 1e-3, rho: float = 0.1,
+            rank: int = 20, admm_iters: int = 6, pcg_iters: int = 32, gamma: float = 1.0, tol: float | None = None,
+            seed: int = 1024, mesh=None, encoder: str | None = None, pooling: str = "mean") -> "ConvexReLUHead":
+        """Fits on (n, d) pooled embeddings; labels are ints 0..C-1 in sorted-language order or ISO codes.
+
+        Defaults are the published CLD settings (P = 64 patterns, 6 ADMM x 32 PCG iterations). `seed`
+        draws the activation patterns and the Nyström sketch; `tol` and `mesh` go to `cronos.solve`.
+        """
+        languages = check_languages(languages)
+        x = check_embeddings(embeddings)
+        y = encode_labels(labels, languages, x.shape[0])
+        pattern_key, sketch_key = jax.random.split(jax.random.key(seed))
+        patterns = cronos.sample_patterns(pattern_key, x, n_patterns)
+        problem = cronos.ConvexReLU(x, y, patterns=np.asarray(patterns), beta=beta)
+        config = cronos.ADMMConfig(rho=rho, rank=rank, admm_iters=admm_iters, pcg_iters=pcg_iters, gamma=gamma, tol=tol)
+        result = cronos.solve(problem, config, key=sketch_key, mesh=mesh)
+        W1, w2 = result.mlp_weights()
+        hyperparameters = dict(n_patterns=n_patterns, beta=beta, rho=rho, rank=rank, admm_iters=admm_iters,
+                               pcg_iters=pcg_iters, gamma=gamma, tol=tol)
+        metadata = cls.make_metadata(languages, x.shape[1], hyperparameters=hyperparameters, seeds=dict(seed=seed),
+                                     encoder=encoder, pooling=pooling, trainer="cronos")
+        train_info = dict(compile_seconds=result.compile_seconds, run_seconds=result.run_seconds,
+                          flops=result.flops["total"], admm_iterations=result.iterations, converged=result.converged,
+                          objective=result.history["objective"].tolist())
+        return cls(dict(W1=np.asarray(W1), w2=np.asarray(w2)), metadata, train_info)
+
+    @classmethod
+    def from_legacy(cls, pkl_path: str, languages=None, *, encoder: str | None = None,
+                    pooling: str = "mean") -> "ConvexReLUHead":
+        """Head from a released jaxcld `model.pkl` (restricted unpickling, see `heads.legacy`).
+
+        `languages` default to the published label order for 2 classes (en, zh) or 5 (en, hi, id, ms, zh);
+        other class counts need them explicitly.
+        """
+        if os.path.isdir(pkl_path):
+            pkl_path = os.path.join(pkl_path, "model.pkl")
+        record = legacy.load_legacy_pickle(pkl_path)
+        num_classes, d, hidden = record["theta1"].shape
+        if languages is None:
+            if num_classes not in PUBLISHED_LANGUAGES:
+                raise ValueError(f"{pkl_path} has {num_classes} classes; pass languages=[...] (sorted ISO codes).")
+            languages = PUBLISHED_LANGUAGES[num_classes]
+        languages = check_languages(languages)
+        if len(languages) != num_classes:
+            raise ValueError(f"{pkl_path} has {num_classes} classes but {len(languages)} languages were given: {list(languages)}.")
+        hyperparameters = dict(n_patterns=record["P_S"], beta=record["beta"], rho=record["rho"])
+        metadata = cls.make_metadata(languages, d, hyperparameters=hyperparameters, seeds={}, encoder=encoder,
+                                     pooling=pooling, trainer="jaxcld 0.2.4 (converted legacy pickle)",
+                                     source=os.path.basename(os.path.dirname(os.path.abspath(pkl_path))) + "/"
+                                     + os.path.basename(pkl_path))
+        return cls(dict(W1=record["theta1"], w2=record["theta2"]), metadata)
+
+    @classmethod
+    def load(cls, path: str, languages=None) -> "ConvexReLUHead":
+        """Loads a saved directory, or a legacy jaxcld `model.pkl` (then see `from_legacy` for `languages`)."""
+        if legacy.is_legacy_path(path):
+            return cls.from_legacy(path, languages)
+        head = super().load(path)
+        if languages is not None and tuple(check_languages(languages)) != head.languages:
+            raise ValueError(f"{path} was saved with languages {list(head.languages)}, not {sorted(languages)}.")
+        return head

@@ -1,0 +1,234 @@
+"""heads/: legacy jaxcld pickles (restricted unpickling), safe format, cronos head, NN resume, linear head."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+import cronos
+import heads.baselines
+from heads import ConvexReLUHead, LinearHead, NNHead, load_head
+from heads.legacy import RefusedGlobalError, convert, load_legacy_pickle
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+LEGACY_PKL = os.path.join(FIXTURES, "jaxcld_cvx_relu_mlp.pkl")
+LEGACY_REF = os.path.join(FIXTURES, "jaxcld_reference.npz")
+
+
+def _data(n=150, d=12, classes=2, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    centers = 1.2 * rng.standard_normal((classes, d))
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """One head of each kind on the same 3-language data."""
+    X, y = _data(classes=3)
+    langs = ["zh", "en", "hi"]  # unsorted on purpose: label c is sorted(langs)[c]
+    return X, y, {
+        "convex": ConvexReLUHead.fit(X, y, languages=langs, n_patterns=8, rank=8, seed=3),
+        "nn": NNHead.fit(X, y, languages=langs, hidden=32, epochs=10, batch_size=32, learning_rate=1e-2, seed=0),
+        "linear": LinearHead.fit(X, y, languages=langs),
+    }
+
+
+# ---------------------------------------------------------------- legacy jaxcld pickles
+
+
+def test_legacy_pickle_logits_equal_jaxcld_stacked_predict(tmp_path):
+    ref = np.load(LEGACY_REF)
+    head = ConvexReLUHead.load(LEGACY_PKL)
+    assert head.languages == ("en", "zh") and head.embedding_dim == 16
+    np.testing.assert_array_equal(head.logits(ref["X_test"]), ref["logits"])
+    # Conversion to the safe format keeps the logits bit for bit and drops the training set.
+    convert(LEGACY_PKL, str(tmp_path / "converted"), languages=["zh", "en"], metrics={"accuracy": 1.0})
+    loaded = ConvexReLUHead.load(str(tmp_path / "converted"))
+    np.testing.assert_array_equal(loaded.logits(ref["X_test"]), ref["logits"])
+    assert set(loaded.params) == {"W1", "w2"}
+    assert loaded.metadata["hyperparameters"] == {"n_patterns": 4, "beta": 1e-3, "rho": 0.1}
+    assert loaded.metadata["metrics"] == {"accuracy": 1.0}
+    assert loaded.predict_languages(ref["X_test"]) == [("en", "zh")[i] for i in ref["logits"].argmax(1)]
+
+
+def test_legacy_pickle_against_live_jaxcld():
+    pytest.importorskip("jaxcld.models.cvx_relu_mlp")
+    with open(LEGACY_PKL, "rb") as f:  # our own fixture: trusted, so the real unpickler is fine here
+        model = pickle.load(f)
+    X = np.random.default_rng(1).standard_normal((7, 16)).astype(np.float32)
+    live = np.asarray(model.stacked_predict(jax.numpy.asarray(X), model.theta1, model.theta2))
+    np.testing.assert_array_equal(ConvexReLUHead.load(LEGACY_PKL).logits(X), live)
+
+
+def test_legacy_needs_languages_matching_class_count(tmp_path):
+    with pytest.raises(ValueError, match="2 classes but 3 languages"):
+        ConvexReLUHead.load(LEGACY_PKL, languages=["en", "hi", "zh"])
+    record = load_legacy_pickle(LEGACY_PKL)
+    assert record["theta1"].shape == (2, 16, 8) and record["theta2"].shape == (2, 8)
+
+
+class _Shell:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _fake_cvx_class(monkeypatch):
+    """A class pickled under jaxcld's module/name, so a crafted file can start like a real head."""
+    module = types.ModuleType("jaxcld.models.cvx_relu_mlp")
+    cls = type("CVX_ReLU_MLP", (), {"__module__": module.__name__})
+    module.CVX_ReLU_MLP = cls
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return cls
+
+
+@pytest.mark.parametrize("attack", ["os.system", "subprocess.Popen", "builtins.exec", "nested os.system"])
+def test_legacy_refuses_other_globals_without_executing(tmp_path, monkeypatch, attack):
+    sentinel = tmp_path / "pwned"
+    command = f"touch {sentinel}"
+    if attack == "subprocess.Popen":
+        payload, refused = _Shell(subprocess.Popen, (["touch", str(sentinel)],)), "subprocess.Popen"
+    elif attack == "builtins.exec":
+        payload, refused = _Shell(exec, (f"open({str(sentinel)!r}, 'w').close()",)), "builtins.exec"
+    else:
+        payload, refused = _Shell(os.system, (command,)), f"{os.name == 'nt' and 'nt' or 'posix'}.system"
+    if attack.startswith("nested"):
+        model = _fake_cvx_class(monkeypatch)()
+        model.theta1, model.theta2 = np.zeros((2, 3, 4), np.float32), payload
+        payload = model
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(RefusedGlobalError, match=refused.replace(".", r"\.")):
+        ConvexReLUHead.load(str(path))
+    assert not sentinel.exists()
+
+
+# ---------------------------------------------------------------- safe format, all heads
+
+
+@pytest.mark.parametrize("kind", ["convex", "nn", "linear"])
+def test_save_load_round_trip(fitted, tmp_path, kind):
+    X, y, all_heads = fitted
+    head = all_heads[kind]
+    assert head.languages == ("en", "hi", "zh") and head.embedding_dim == X.shape[1]
+    assert np.mean(head.predict(X) == y) > 0.6
+    head.save(str(tmp_path), metrics={"val_accuracy": 0.5})
+    assert sorted(os.listdir(tmp_path)) == ["head.json", "head.safetensors"]
+    with open(tmp_path / "head.json") as f:
+        meta = json.load(f)
+    assert meta["head_type"] == head.head_type and meta["languages"] == ["en", "hi", "zh"]
+    assert meta["embedding_dim"] == X.shape[1] and meta["pooling"] == "mean" and meta["metrics"] == {"val_accuracy": 0.5}
+    assert "hyperparameters" in meta and "seeds" in meta
+    loaded = type(head).load(str(tmp_path))
+    np.testing.assert_array_equal(loaded.logits(X), head.logits(X))
+    np.testing.assert_array_equal(load_head(str(tmp_path)).logits(X), head.logits(X))
+    other = LinearHead if kind != "linear" else NNHead
+    with pytest.raises(ValueError, match="head"):
+        other.load(str(tmp_path))
+
+
+def test_convex_head_logits_equal_numpy_of_cronos_weights(fitted):
+    X, y, all_heads = fitted
+    head = all_heads["convex"]
+    pattern_key, sketch_key = jax.random.split(jax.random.key(3))
+    problem = cronos.ConvexReLU(X, y, patterns=np.asarray(cronos.sample_patterns(pattern_key, X, 8)), beta=1e-3)
+    W1, w2 = (np.asarray(a, np.float64) for a in cronos.solve(problem, cronos.ADMMConfig(rank=8), key=sketch_key).mlp_weights())
+    expected = np.stack([np.maximum(X @ W1[c], 0.0) @ w2[c] for c in range(3)], axis=1)
+    np.testing.assert_allclose(head.logits(X), expected, rtol=1e-4, atol=1e-5)
+    info = head.train_info
+    assert info["flops"] > 0 and info["run_seconds"] > 0 and info["admm_iterations"] == 6
+
+
+def test_iso_code_labels_equal_integer_labels(fitted):
+    X, y, all_heads = fitted
+    codes = [("en", "hi", "zh")[i] for i in y]
+    head = LinearHead.fit(X, codes, languages=["hi", "zh", "en"])
+    np.testing.assert_allclose(head.logits(X), all_heads["linear"].logits(X), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def test_nn_head_resumes_to_identical_params(tmp_path, monkeypatch):
+    X, y = _data(n=100, d=8)
+    args = dict(languages=["en", "zh"], hidden=16, epochs=3, batch_size=16, seed=5)  # 7 steps/epoch, last one short
+    reference = NNHead.fit(X, y, **args)
+    calls = {"n": 0}
+    real_step = heads.baselines._train_step
+
+    def killed_after_9(*a):
+        if calls["n"] == 9:
+            raise KeyboardInterrupt("simulated kill")
+        calls["n"] += 1
+        return real_step(*a)
+
+    ckpt = str(tmp_path / "ckpt")
+    monkeypatch.setattr(heads.baselines, "_train_step", killed_after_9)
+    with pytest.raises(KeyboardInterrupt):
+        NNHead.fit(X, y, checkpoint_dir=ckpt, checkpoint_every=4, **args)
+    assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [4, 8]  # resumes mid-epoch 2
+    monkeypatch.setattr(heads.baselines, "_train_step", real_step)
+    resumed = NNHead.fit(X, y, checkpoint_dir=ckpt, checkpoint_every=4, **args)
+    assert resumed.train_info["steps"] == reference.train_info["steps"] == 21
+    assert len(resumed.train_info["losses"]) == 21 - 8
+    for name in reference.params:
+        np.testing.assert_array_equal(resumed.params[name], reference.params[name])
+    with pytest.raises(ValueError, match="different run"):
+        NNHead.fit(X, y, checkpoint_dir=ckpt, **{**args, "seed": 6})
+
+
+def test_linear_head_matches_sklearn():
+    X, y = _data(n=400, d=20, classes=5, seed=2)
+    Xtr, ytr, Xte, yte = X[:300], y[:300], X[300:], y[300:]
+    head = LinearHead.fit(Xtr, ytr, languages=["en", "hi", "id", "ms", "zh"], C=1.0)
+    sk = LogisticRegression(C=1.0, max_iter=2000, tol=1e-8).fit(Xtr, ytr)
+    ours, theirs = np.mean(head.predict(Xte) == yte), sk.score(Xte, yte)
+    assert abs(ours - theirs) <= 0.01, (ours, theirs)
+    assert np.mean(head.predict(Xte) == sk.predict(Xte)) >= 0.98
+    np.testing.assert_allclose(head.params["coef"] - head.params["coef"].mean(0), sk.coef_ - sk.coef_.mean(0), atol=2e-2)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_raise_clear_errors(fitted):
+    X, y, all_heads = fitted
+    head = all_heads["convex"]
+    with pytest.raises(ValueError, match=r"expects d=12.*d=5"):
+        head.logits(np.zeros((2, 5), np.float32))
+    bad = X[:3].copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        head.predict(bad)
+    for fit in (ConvexReLUHead.fit, NNHead.fit, LinearHead.fit):
+        with pytest.raises(ValueError, match="NaN"):
+            fit(np.where(np.arange(X.shape[0])[:, None] == 4, np.nan, X), y, languages=["en", "hi", "zh"])
+        with pytest.raises(ValueError, match=r"unknown language code.*'xx'"):
+            fit(X, y, languages=["en", "xx", "zh"])
+        with pytest.raises(ValueError, match=r"no training examples for language\(s\) \['hi'\]"):
+            fit(X, np.where(y == 1, 0, y), languages=["en", "hi", "zh"])
+    with pytest.raises(ValueError, match=r"unknown label language\(s\) \['fr'\]"):
+        LinearHead.fit(X, ["fr"] + ["en", "hi", "zh"] * 49 + ["en", "hi"], languages=["en", "hi", "zh"])
+    with pytest.raises(ValueError, match="distinct"):
+        LinearHead.fit(X, y, languages=["en", "en", "zh"])
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        LinearHead.fit(X, y + 1, languages=["en", "hi", "zh"])
+
+
+def test_legacy_array_record_must_use_numpy_reconstruct(tmp_path):
+    from jax._src.array import _reconstruct_array
+
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(_Shell(_reconstruct_array, (np.dtype, ("f4",), None, {}))))
+    with pytest.raises(pickle.UnpicklingError, match="expected numpy's _reconstruct"):
+        load_legacy_pickle(str(path))
