@@ -174,19 +174,19 @@ def load_dataset(spec: str, languages: list[str]):
     raise ValueError(f"--dataset={spec} is neither 'embedded', a manifest file nor a saved Hugging Face dataset directory.")
 
 
-def fit_head(cfg: dict, X, y, Xval, yval, mesh):
+def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str):
     """Trains the configured head on embeddings X with integer labels y (index into cfg['languages'])."""
     from heads import ConvexReLUHead, LinearHead, NNHead
 
+    common = dict(languages=cfg["languages"], encoder=encoder_id, pooling=pooling)
     if cfg["head"] == "cvx":
         return ConvexReLUHead.fit(
-            X, y, languages=cfg["languages"], n_patterns=cfg["neuron"], beta=cfg["beta"], rho=cfg["rho"],
-            rank=cfg["rank"], admm_iters=cfg["admm_iters"], pcg_iters=cfg["pcg_iters"], gamma=cfg["gamma_ratio"],
-            tol=cfg["tol"], seed=cfg["opt_seed"], mesh=mesh, validation=(Xval, yval))
+            X, y, n_patterns=cfg["neuron"], beta=cfg["beta"], rho=cfg["rho"], rank=cfg["rank"],
+            admm_iters=cfg["admm_iters"], pcg_iters=cfg["pcg_iters"], gamma=cfg["gamma_ratio"], tol=cfg["tol"],
+            seed=cfg["opt_seed"], mesh=mesh, validation=(Xval, yval), **common)
     if cfg["head"] == "nn":
-        return NNHead.fit(X, y, languages=cfg["languages"], epochs=cfg["nn_epochs"], seed=cfg["opt_seed"],
-                          validation=(Xval, yval))
-    return LinearHead.fit(X, y, languages=cfg["languages"], seed=cfg["opt_seed"], validation=(Xval, yval))
+        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], **common)
+    return LinearHead.fit(X, y, **common)
 
 
 def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
@@ -209,7 +209,7 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     (Xtr, ytr, _, _), (Xva, yva, lva, ava), (Xte, yte, lte, ate) = (embedded[k] for k in ("train", "valid", "test"))
 
     start = time.perf_counter()
-    head = fit_head(cfg, Xtr, ytr, Xva, yva, mesh)
+    head = fit_head(cfg, Xtr, ytr, Xva, yva, mesh, encoder_id, pooling)
     wall = time.perf_counter() - start
     info = head.train_info
     valid_metrics = evaluate(head, Xva, lva, ava)
@@ -219,6 +219,7 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         "skipped_corrupt": int(dataset.stats.get("skipped_corrupt", 0)) if isinstance(dataset.stats, dict)
         else int(getattr(dataset.stats, "skipped_corrupt", 0)),
         "test": evaluate(head, Xte, lte, ate), "valid": valid_metrics,
+        # the convex head records every ADMM iteration's validation accuracy; other heads report the final one
         "validation_peak": float(max(info.get("val_accuracy_history") or [valid_metrics["accuracy"]])),
         "train_wall_seconds": wall, "train_compile_seconds": float(info.get("compile_seconds", 0.0)),
         "train_run_seconds": float(info.get("run_seconds", wall)), "train_flops": float(info.get("flops", float("nan"))),

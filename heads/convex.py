@@ -34,11 +34,14 @@ class ConvexReLUHead(Head):
     @classmethod
     def fit(cls, embeddings, labels, languages, *, n_patterns: int = 64, beta: float = 1e-3, rho: float = 0.1,
             rank: int = 20, admm_iters: int = 6, pcg_iters: int = 32, gamma: float = 1.0, tol: float | None = None,
-            seed: int = 1024, mesh=None, encoder: str | None = None, pooling: str = "mean") -> "ConvexReLUHead":
+            seed: int = 1024, mesh=None, encoder: str | None = None, pooling: str = "mean",
+            validation=None) -> "ConvexReLUHead":
         """Fits on (n, d) pooled embeddings; labels are ints 0..C-1 in sorted-language order or ISO codes.
 
         Defaults are the published CLD settings (P = 64 patterns, 6 ADMM x 32 PCG iterations). `seed`
         draws the activation patterns and the Nyström sketch; `tol` and `mesh` go to `cronos.solve`.
+        `validation=(embeddings, labels)` records the validation accuracy of every ADMM iteration in
+        `train_info["val_accuracy_history"]`.
         """
         languages = check_languages(languages)
         x = check_embeddings(embeddings)
@@ -47,7 +50,9 @@ class ConvexReLUHead(Head):
         patterns = cronos.sample_patterns(pattern_key, x, n_patterns)
         problem = cronos.ConvexReLU(x, y, patterns=np.asarray(patterns), beta=beta)
         config = cronos.ADMMConfig(rho=rho, rank=rank, admm_iters=admm_iters, pcg_iters=pcg_iters, gamma=gamma, tol=tol)
-        result = cronos.solve(problem, config, key=sketch_key, mesh=mesh)
+        if validation is not None:
+            validation = (check_embeddings(validation[0]), encode_labels(validation[1], languages, len(validation[0])))
+        result = cronos.solve(problem, config, key=sketch_key, mesh=mesh, validation=validation)
         W1, w2 = result.mlp_weights()
         hyperparameters = dict(n_patterns=n_patterns, beta=beta, rho=rho, rank=rank, admm_iters=admm_iters,
                                pcg_iters=pcg_iters, gamma=gamma, tol=tol)
@@ -55,7 +60,8 @@ class ConvexReLUHead(Head):
                                      encoder=encoder, pooling=pooling, trainer="cronos")
         train_info = dict(compile_seconds=result.compile_seconds, run_seconds=result.run_seconds,
                           flops=result.flops["total"], admm_iterations=result.iterations, converged=result.converged,
-                          objective=result.history["objective"].tolist())
+                          objective=result.history["objective"].tolist(),
+                          val_accuracy_history=result.history.get("val_accuracy", np.zeros(0)).tolist())
         return cls(dict(W1=np.asarray(W1), w2=np.asarray(w2)), metadata, train_info)
 
     @classmethod

@@ -149,6 +149,16 @@ def test_convex_head_logits_equal_numpy_of_cronos_weights(fitted):
     assert info["flops"] > 0 and info["run_seconds"] > 0 and info["admm_iterations"] == 6
 
 
+def test_convex_head_records_validation_accuracy_per_admm_iteration():
+    X, y = _data(classes=3)
+    Xv, yv = _data(n=60, classes=3, seed=1)
+    langs = ["en", "hi", "zh"]
+    head = ConvexReLUHead.fit(X, y, languages=langs, n_patterns=8, rank=8, seed=3, validation=(Xv, yv))
+    history = head.train_info["val_accuracy_history"]
+    assert len(history) == 6
+    assert history[-1] == pytest.approx(float(np.mean(head.predict(Xv) == yv)))
+
+
 def test_iso_code_labels_equal_integer_labels(fitted):
     X, y, all_heads = fitted
     codes = [("en", "hi", "zh")[i] for i in y]
