@@ -254,6 +254,33 @@ def test_extraction_resumes_after_kill(corpus, tmp_path):
     assert len({row.tobytes() for row in X}) == 24  # no duplicated rows
 
 
+SHARDED_RUN = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    from flax import nnx
+    from encoders.sharding import create_mesh
+    from encoders.whisper import WhisperConfig, WhisperEncoder
+    from experiments import cld_data, embeddings
+    examples = cld_data.load_manifest(sys.argv[1]).examples[:10]
+    enc = WhisperEncoder(WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64),
+                         rngs=nnx.Rngs(0))
+    plain, _ = embeddings.extract(enc, examples, cache_dir=sys.argv[2] + "/plain", batch_size=4, progress=False)
+    sharded, _ = embeddings.extract(enc, examples, cache_dir=sys.argv[2] + "/sharded", batch_size=4,
+                                    mesh=create_mesh(data=2), progress=False)
+    assert len(jax.devices()) == 2 and sharded.shape == (10, 32)
+    print("max difference", float(np.abs(plain - sharded).max()))
+""")
+
+
+def test_extraction_sharded_over_data_axis(corpus, tmp_path):
+    root, _ = corpus
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", SHARDED_RUN, str(root / "manifest.jsonl"), str(tmp_path)], cwd=REPO,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split("max difference")[-1]) < 1e-5
+
 def test_shipped_corpus():
     ds = cld_data.load_manifest(cld_data.DEFAULT_CORPUS)
     assert ds.languages == ("en", "hi", "id", "ms", "zh") and not ds.stats.skipped_corrupt
