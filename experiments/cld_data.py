@@ -234,7 +234,8 @@ def split(ds: Dataset, data_seed: int = 0, fractions: tuple[float, float, float]
             for name, rows in zip(SPLITS, np.split(order, [n_train, n_train + n_valid])):
                 parts[name] += [group[i] for i in rows]
     else:
-        raise ValueError(f"split column must be one of {SPLITS} on every example or on none, got {sorted(map(str, given))}")
+        raise ValueError(f"split column must be one of {SPLITS} on every example or on none, "
+                         f"got {sorted(map(str, given))}")
     return tuple(ds.subset(parts[name]) for name in SPLITS)
 
 
@@ -292,6 +293,6 @@ def audio_pipeline(examples: Sequence[Example], batch_size: int, *, pad_to: int 
     dataset = grain.MapDataset.source(list(examples))
     if shuffle_seed is not None:
         dataset = dataset.shuffle(seed=shuffle_seed)
-    dataset = dataset.map(lambda ex: (ex.id, read_audio(ex))).batch(
-        batch_size, batch_fn=functools.partial(_collate, pad_to=pad_to, batch_size=batch_size if fill_last_batch else None))
+    collate = functools.partial(_collate, pad_to=pad_to, batch_size=batch_size if fill_last_batch else None)
+    dataset = dataset.map(lambda ex: (ex.id, read_audio(ex))).batch(batch_size, batch_fn=collate)
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))

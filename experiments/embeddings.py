@@ -125,14 +125,15 @@ def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size:
 
     shard_rows = batch_size * shard_batches
     starts = range(0, len(examples), shard_rows)
-    bar = tqdm(total=len(examples), initial=sum(min(shard_rows, len(examples) - s) for s in starts if s // shard_rows in done),
-               unit="clip", desc=f"embeddings {key}", disable=not progress)
+    cached_rows = sum(min(shard_rows, len(examples) - s) for s in starts if s // shard_rows in done)
+    bar = tqdm(total=len(examples), initial=cached_rows, unit="clip", desc=f"embeddings {key}", disable=not progress)
     for start in starts:
         shard = start // shard_rows
         if shard in done:
             continue
         rows = []
-        for batch in audio_pipeline(examples[start:start + shard_rows], batch_size, pad_to=pad_to, fill_last_batch=True):
+        shard_examples = examples[start:start + shard_rows]
+        for batch in audio_pipeline(shard_examples, batch_size, pad_to=pad_to, fill_last_batch=True):
             mask = np.arange(pad_to)[None, :] < batch["lengths"][:, None]
             inputs = (_encoder_inputs(encoder, batch["audio"], mask), mask)
             if sharding is not None:

@@ -1,4 +1,4 @@
-"""CLD data side: manifest / HF loading, seeded splits and subsampling, grain batches, resumable embeddings, shipped corpus."""
+"""CLD data: manifest / HF loading, seeded splits and subsampling, grain batches, resumable embeddings, corpus."""
 
 from __future__ import annotations
 
