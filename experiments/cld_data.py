@@ -1,0 +1,298 @@
+"""CLD input data: manifests and saved Hugging Face datasets -> examples -> splits -> 16 kHz audio batches.
+
+    ds = load_manifest(DEFAULT_CORPUS, languages=["en", "zh"], on_unknown_language="drop")
+    train, valid, test = split(ds, data_seed=0)
+    train = subsample_per_class(train, samples_per_class=100, data_seed=0)
+    for batch in audio_pipeline(train.examples, batch_size=8): ...   # {"audio", "lengths", "ids", "valid"}
+
+Loading decodes every clip once (soundfile: wav, flac, ogg/opus, mp3) to check it and record its
+16 kHz length; unreadable, empty or non-finite clips are skipped, counted in `Dataset.stats` and
+logged. All shuffles are seeded by `data_seed` and independent of the input row order (examples are
+ordered by id first), so the same seed gives the same rows on every machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+import json
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import grain
+import numpy as np
+import soundfile as sf
+from absl import logging
+
+from encoders.audio import prepare_audio
+
+DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_corpus", "manifest.jsonl")
+SPLITS = ("train", "valid", "test")
+_AUDIO_COLUMNS = ("audio", "audio_path", "path")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+    """One labelled clip. Audio lives in `audio_path` (a file) or `audio` (encoded file bytes or a 16 kHz array)."""
+
+    id: str
+    lang: str
+    text: str = ""
+    accent: str = ""
+    speaker: str = ""
+    split: str | None = None
+    heldout_accent: bool = False
+    audio_path: str | None = None
+    audio: bytes | np.ndarray | None = None
+    num_samples: int = 0  # length at 16 kHz, recorded when loading
+
+
+@dataclasses.dataclass
+class Stats:
+    """What loading kept and dropped: `skipped_corrupt` holds (source, error) pairs."""
+
+    loaded: int = 0
+    skipped_corrupt: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    dropped_unknown_language: int = 0
+    per_language: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Examples with their label set (`languages`, in label-index order) and the loading stats."""
+
+    examples: list[Example]
+    languages: tuple[str, ...]
+    stats: Stats
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def subset(self, examples: list[Example]) -> "Dataset":
+        """The same label set and stats over other examples."""
+        return Dataset(examples, self.languages, self.stats)
+
+    def labels(self) -> np.ndarray:
+        """(n,) int32 index of each example's language in `languages`."""
+        index = {lang: i for i, lang in enumerate(self.languages)}
+        return np.array([index[e.lang] for e in self.examples], np.int32)
+
+
+def decode_audio(source) -> np.ndarray:
+    """A file path or file-like object (wav, flac, ogg, mp3, ...) as validated 16 kHz mono float32."""
+    audio, rate = sf.read(source, dtype="float32", always_2d=True)
+    return prepare_audio(audio, rate, channels_axis=1)
+
+
+def read_audio(example: Example) -> np.ndarray:
+    """The example's audio as 16 kHz mono float32."""
+    if isinstance(example.audio, np.ndarray):
+        return example.audio
+    return decode_audio(example.audio_path if example.audio is None else io.BytesIO(example.audio))
+
+
+def _build_dataset(examples: Iterable[Example], languages: Sequence[str] | None, on_unknown_language: str,
+                   source: str) -> Dataset:
+    """Language filter, audio check (decode once, record length), duplicate-id and absent-language errors."""
+    if on_unknown_language not in ("drop", "error"):
+        raise ValueError(f"on_unknown_language must be 'drop' or 'error', got {on_unknown_language!r}")
+    wanted = None if languages is None else set(languages)
+    stats, kept, seen = Stats(), [], set()
+    for ex in examples:
+        if wanted is not None and ex.lang not in wanted:
+            if on_unknown_language == "error":
+                raise ValueError(f"{source}: example {ex.id!r} has language {ex.lang!r}, which is not in "
+                                 f"languages={sorted(wanted)}; pass on_unknown_language='drop' to drop such rows")
+            stats.dropped_unknown_language += 1
+            continue
+        if ex.id in seen:
+            raise ValueError(f"{source}: duplicate example id {ex.id!r}")
+        seen.add(ex.id)
+        try:
+            num_samples = len(read_audio(ex))
+        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as err:
+            stats.skipped_corrupt.append((ex.audio_path or ex.id, f"{type(err).__name__}: {err}"))
+            logging.warning("skipping unreadable audio %s: %s", ex.audio_path or ex.id, err)
+            continue
+        kept.append(dataclasses.replace(ex, num_samples=num_samples))
+    stats.loaded = len(kept)
+    stats.per_language = dict(sorted(Counter(e.lang for e in kept).items()))
+    if languages is not None:
+        absent = [lang for lang in languages if lang not in stats.per_language]
+        if absent:
+            raise ValueError(f"{source}: requested languages {absent} have no (readable) examples; "
+                             f"present: {sorted(stats.per_language)}")
+    logging.info("%s: loaded %d clips %s, skipped %d unreadable, dropped %d of other languages", source,
+                 stats.loaded, stats.per_language, len(stats.skipped_corrupt), stats.dropped_unknown_language)
+    return Dataset(kept, tuple(languages) if languages is not None else tuple(stats.per_language), stats)
+
+
+def _read_rows(path: str) -> list[dict]:
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"manifest must be .jsonl or .csv, got {path}")
+
+
+def _as_bool(value) -> bool:
+    return value is True or str(value).strip().lower() in ("1", "true", "yes")
+
+
+def load_manifest(path: str = DEFAULT_CORPUS, languages: Sequence[str] | None = None,
+                  on_unknown_language: str = "error") -> Dataset:
+    """Loads a JSONL or CSV manifest of audio files (paths relative to the manifest).
+
+    Columns: audio (or audio_path / path), lang; optional text, accent, speaker, split (train/valid/test),
+    heldout_accent, id (default: the audio path). With `languages`, rows of other languages raise
+    (`on_unknown_language="error"`) or are dropped and counted (`"drop"`); a requested language with no
+    readable clip raises.
+    """
+    root = os.path.dirname(os.path.abspath(path))
+
+    def examples():
+        for i, row in enumerate(_read_rows(path)):
+            column = next((c for c in _AUDIO_COLUMNS if row.get(c)), None)
+            if column is None or not row.get("lang"):
+                raise ValueError(f"{path}: row {i} needs an audio path ({'/'.join(_AUDIO_COLUMNS)}) and a lang")
+            yield Example(id=str(row.get("id") or row[column]), lang=row["lang"], text=row.get("text") or "",
+                          accent=row.get("accent") or "", speaker=row.get("speaker") or "",
+                          split=row.get("split") or None, heldout_accent=_as_bool(row.get("heldout_accent")),
+                          audio_path=os.path.join(root, row[column]))
+
+    return _build_dataset(examples(), languages, on_unknown_language, path)
+
+
+def load_hf_dataset(path: str, languages: Sequence[str] | None = None, on_unknown_language: str = "error") -> Dataset:
+    """Loads a Hugging Face `DatasetDict` saved with `save_to_disk` in the CLD layout.
+
+    Splits train/valid/test ("validation" is read as valid); columns audio (an `Audio` feature or
+    {"array", "sampling_rate"}), lang, text, accent, optional speaker and id. Needs `pip install datasets`.
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("load_hf_dataset needs Hugging Face datasets: pip install datasets") from err
+    saved = datasets.load_from_disk(path)
+    if not isinstance(saved, datasets.DatasetDict):
+        raise ValueError(f"{path} holds a single Dataset; the CLD layout is a DatasetDict with splits {SPLITS}")
+
+    def examples():
+        for split_name, table in saved.items():
+            split_name = "valid" if split_name == "validation" else split_name
+            if isinstance(table.features.get("audio"), datasets.Audio):
+                table = table.cast_column("audio", datasets.Audio(decode=False))  # decoded here, with soundfile
+            for i, row in enumerate(table):
+                audio = row["audio"]
+                if "array" in audio:
+                    audio_path, audio = None, prepare_audio(np.asarray(audio["array"]), audio["sampling_rate"])
+                else:
+                    audio_path, audio = audio.get("path"), audio.get("bytes")
+                yield Example(id=str(row.get("id") or f"{split_name}/{i}"), lang=row["lang"],
+                              text=row.get("text") or "", accent=row.get("accent") or "",
+                              speaker=row.get("speaker") or "", split=split_name,
+                              heldout_accent=_as_bool(row.get("heldout_accent")), audio_path=audio_path, audio=audio)
+
+    return _build_dataset(examples(), languages, on_unknown_language, path)
+
+
+def _rng(data_seed: int, lang: str) -> np.random.Generator:
+    """Per-language generator, so one language's draw does not depend on which others are present."""
+    return np.random.default_rng([data_seed, zlib.crc32(lang.encode())])
+
+
+def _by_language(ds: Dataset, examples: Iterable[Example]) -> dict[str, list[Example]]:
+    """Examples of each language of `ds.languages`, ordered by id."""
+    groups = {lang: [] for lang in ds.languages}
+    for ex in sorted(examples, key=lambda e: e.id):
+        groups[ex.lang].append(ex)
+    return groups
+
+
+def split(ds: Dataset, data_seed: int = 0, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+          ) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, valid, test) without held-out-accent clips (see `heldout_accent_test`).
+
+    Uses the examples' split column when every example has one; when none has, draws a per-language
+    (stratified) split with `fractions`, seeded by `data_seed`. A partial split column raises.
+    """
+    pool = [e for e in ds.examples if not e.heldout_accent]
+    given = {e.split for e in pool}
+    if given <= set(SPLITS):
+        parts = {name: [e for e in pool if e.split == name] for name in SPLITS}
+    elif given == {None}:
+        parts = {name: [] for name in SPLITS}
+        for lang, group in _by_language(ds, pool).items():
+            order = _rng(data_seed, lang).permutation(len(group))
+            n_train, n_valid = (int(round(f * len(group))) for f in fractions[:2])
+            for name, rows in zip(SPLITS, np.split(order, [n_train, n_train + n_valid])):
+                parts[name] += [group[i] for i in rows]
+    else:
+        raise ValueError(f"split column must be one of {SPLITS} on every example or on none, "
+                         f"got {sorted(map(str, given))}")
+    return tuple(ds.subset(parts[name]) for name in SPLITS)
+
+
+def heldout_accent_test(ds: Dataset) -> Dataset:
+    """The clips of held-out accents (the accent-shift test set)."""
+    return ds.subset([e for e in ds.examples if e.heldout_accent])
+
+
+def subsample_per_class(ds: Dataset, samples_per_class: int, data_seed: int = 0, take_all: bool = False) -> Dataset:
+    """`samples_per_class` random examples of every language in `ds.languages`, seeded by `data_seed`.
+
+    The draw is a seeded permutation per language, so for one seed smaller subsets are prefixes of
+    larger ones (100 of 500 of 1000). A language with fewer examples raises unless `take_all`, which
+    keeps all of them; a language with none always raises.
+    """
+    kept = []
+    for lang, group in _by_language(ds, ds.examples).items():
+        if not group:
+            raise ValueError(f"language {lang!r} has no examples to sample from")
+        if len(group) < samples_per_class and not take_all:
+            raise ValueError(f"language {lang!r} has {len(group)} examples, fewer than samples_per_class="
+                             f"{samples_per_class}; pass take_all=True to keep all of them")
+        kept += [group[i] for i in _rng(data_seed, lang).permutation(len(group))[:samples_per_class]]
+    return ds.subset(kept)
+
+
+def _collate(items: Sequence[tuple[str, np.ndarray]], pad_to: int | None, batch_size: int | None) -> dict:
+    """Zero-pads clips to `pad_to` (default: the longest); with `batch_size`, repeats the last row to fill it."""
+    ids = [i for i, _ in items]
+    clips = [a for _, a in items]
+    length = pad_to or max(len(a) for a in clips)
+    long = [i for i, a in items if len(a) > length]
+    if long:
+        raise ValueError(f"clips {long[:5]} are longer than pad_to={length} samples")
+    valid = np.ones(len(items), bool)
+    if batch_size is not None and len(items) < batch_size:
+        fill = batch_size - len(items)
+        ids, clips = ids + [ids[-1]] * fill, clips + [clips[-1]] * fill
+        valid = np.concatenate([valid, np.zeros(fill, bool)])
+    audio = np.zeros((len(clips), length), np.float32)
+    for row, clip in zip(audio, clips):
+        row[: len(clip)] = clip
+    return {"audio": audio, "lengths": np.array([len(a) for a in clips], np.int32), "ids": np.array(ids, object),
+            "valid": valid}
+
+
+def audio_pipeline(examples: Sequence[Example], batch_size: int, *, pad_to: int | None = None,
+                   shuffle_seed: int | None = None, fill_last_batch: bool = False, num_threads: int = 2):
+    """grain iterator of 16 kHz batches {"audio" (B, T) float32, "lengths", "ids", "valid"} in example order.
+
+    Clips are zero-padded to `pad_to` samples (default: the longest in the batch). `shuffle_seed`
+    shuffles the examples (grain, deterministic); `fill_last_batch` repeats the last clip so every batch
+    has `batch_size` rows, marking the repeats `valid=False`.
+    """
+    dataset = grain.MapDataset.source(list(examples))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=shuffle_seed)
+    collate = functools.partial(_collate, pad_to=pad_to, batch_size=batch_size if fill_last_batch else None)
+    dataset = dataset.map(lambda ex: (ex.id, read_audio(ex))).batch(batch_size, batch_fn=collate)
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))

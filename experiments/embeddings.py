@@ -1,0 +1,156 @@
+"""Pooled utterance embeddings of a frozen encoder, batched, jit-compiled, cached on disk and resumable.
+
+    X, ids = extract(encoder, examples, cache_dir="outputs/embeddings", batch_size=8)   # (n, d) float32
+
+Whisper: log-mel -> encoder -> `mean` over all 1500 frames (the CLD convention) or `masked_mean` over
+the frames of real audio. wav2vec2 / XLS-R / MMS: `normalize` -> encoder (with the sample mask) ->
+`masked_mean` over real frames (default) or `mean`. Every batch has `batch_size` rows (the last one is
+filled with repeats that are dropped) and one padded length, so the forward compiles once.
+
+Cache: `cache_dir/<key>/` holds `shard_XXXXXX.npy` files of `shard_batches` batches each and
+`index.json` listing the finished shards; both are written to a temporary file and renamed
+(`os.replace`), so a killed run leaves only whole shards and a restart computes only the missing ones.
+The key hashes the encoder class, config and a weight fingerprint, the pooling, padding, batch and
+shard sizes, and the ids and sources of the examples, so a different encoder or input never reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from encoders.audio import N_SAMPLES, log_mel_spectrogram, normalize
+from encoders.pooling import masked_mean_pool, mean_pool
+from encoders.sharding import shard_model
+from encoders.whisper import WhisperEncoder
+from experiments.cld_data import Example, audio_pipeline
+
+POOLINGS = ("mean", "masked_mean")
+
+
+def _forward(encoder, inputs, sample_mask, pooling: str):
+    """Encoder hidden states pooled to (B, d) float32."""
+    if isinstance(encoder, WhisperEncoder):
+        hidden = encoder(inputs)
+        samples_per_frame = N_SAMPLES // hidden.shape[1]
+        frame_mask = jnp.arange(hidden.shape[1]) * samples_per_frame < sample_mask.sum(-1, keepdims=True)
+    else:
+        hidden = encoder(inputs, attention_mask=sample_mask)
+        frame_mask = encoder.frame_mask(sample_mask, hidden.shape[1])
+    return mean_pool(hidden) if pooling == "mean" else masked_mean_pool(hidden, frame_mask)
+
+
+_jit_forward = nnx.jit(_forward, static_argnames="pooling")
+
+
+def _encoder_inputs(encoder, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray:
+    """Host front end: Whisper log-mel, or wav2vec2 normalisation over real samples."""
+    if isinstance(encoder, WhisperEncoder):
+        return log_mel_spectrogram(audio, n_mels=encoder.config.num_mel_bins)
+    return normalize(audio, sample_mask)
+
+
+def _fingerprint(encoder) -> str:
+    """Hash of every parameter's path, shape, dtype, float32 sum and a strided sample of its values."""
+    digest = hashlib.sha256()
+    for path, value in jax.tree_util.tree_leaves_with_path(nnx.state(encoder, nnx.Param)):
+        stride = max(value.size // 1024, 1)
+        digest.update(f"{jax.tree_util.keystr(path)}{value.shape}{value.dtype}".encode())
+        digest.update(np.asarray(jnp.sum(value.astype(jnp.float32)), np.float32).tobytes())
+        digest.update(np.asarray(value.ravel()[::stride], np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def cache_spec(encoder, examples: Sequence[Example], *, pooling: str, pad_to: int | None, batch_size: int,
+               shard_batches: int) -> dict:
+    """Everything the cached embeddings depend on; its hash names the cache directory."""
+    inputs = hashlib.sha256("\n".join(f"{e.id}\t{e.audio_path}\t{e.num_samples}" for e in examples).encode())
+    return {"encoder": type(encoder).__name__, "config": dataclasses.asdict(encoder.config),
+            "weights": _fingerprint(encoder), "pooling": pooling, "pad_to": pad_to, "batch_size": batch_size,
+            "shard_batches": shard_batches, "n": len(examples), "inputs": inputs.hexdigest()}
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size: int = 8,
+            pooling: str | None = None, mesh: jax.sharding.Mesh | None = None, shard_batches: int = 16,
+            progress: bool = True, on_shard: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) float32 pooled embeddings aligned with `examples`, and their ids; cached and resumable.
+
+    `pooling` defaults to "mean" for Whisper and "masked_mean" otherwise. With `mesh`, the encoder is
+    placed on it (`shard_model`, in place) and batches are split over its `data` axis (`batch_size` must
+    divide evenly). `on_shard(rows_done)` is called after each shard is safely on disk.
+    """
+    if not examples:
+        raise ValueError("no examples to embed")
+    is_whisper = isinstance(encoder, WhisperEncoder)
+    pooling = pooling or ("mean" if is_whisper else "masked_mean")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    pad_to = N_SAMPLES if is_whisper else max(e.num_samples for e in examples)
+    spec = cache_spec(encoder, examples, pooling=pooling, pad_to=pad_to, batch_size=batch_size,
+                      shard_batches=shard_batches)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    directory = os.path.join(cache_dir, key)
+    os.makedirs(directory, exist_ok=True)
+    index_path = os.path.join(directory, "index.json")
+    done = {}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            done = {int(k): v for k, v in json.load(f)["done"].items()}
+    sharding = None
+    if mesh is not None:
+        if batch_size % mesh.shape["data"]:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+        shard_model(encoder, mesh)
+        sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    shard_rows = batch_size * shard_batches
+    starts = range(0, len(examples), shard_rows)
+    cached_rows = sum(min(shard_rows, len(examples) - s) for s in starts if s // shard_rows in done)
+    bar = tqdm(total=len(examples), initial=cached_rows, unit="clip", desc=f"embeddings {key}", disable=not progress)
+    for start in starts:
+        shard = start // shard_rows
+        if shard in done:
+            continue
+        rows = []
+        shard_examples = examples[start:start + shard_rows]
+        for batch in audio_pipeline(shard_examples, batch_size, pad_to=pad_to, fill_last_batch=True):
+            mask = np.arange(pad_to)[None, :] < batch["lengths"][:, None]
+            inputs = (_encoder_inputs(encoder, batch["audio"], mask), mask)
+            if sharding is not None:
+                inputs = jax.device_put(inputs, sharding)
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                pooled = _jit_forward(encoder, *inputs, pooling=pooling)
+            rows.append(np.asarray(pooled, np.float32)[batch["valid"]])
+            bar.update(int(batch["valid"].sum()))
+        name = f"shard_{shard:06d}.npy"
+        _atomic_write(os.path.join(directory, name), lambda f: np.save(f, np.concatenate(rows)))
+        done[shard] = name
+        _atomic_write(index_path, lambda f: f.write(json.dumps({"spec": spec, "done": done}, indent=1).encode()))
+        if on_shard is not None:
+            on_shard(min(start + shard_rows, len(examples)))
+    bar.close()
+    embeddings = np.concatenate([np.load(os.path.join(directory, done[s // shard_rows])) for s in starts])
+    if embeddings.shape[0] != len(examples):
+        raise RuntimeError(f"cache {directory} holds {embeddings.shape[0]} rows for {len(examples)} examples")
+    return embeddings, np.array([e.id for e in examples], object)
+
