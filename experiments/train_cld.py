@@ -114,6 +114,10 @@ def model_card(metrics: dict) -> str:
         f"| {cfg['samples_per_class'] or 'all'} | {test['accuracy']:.4f} | {metrics['validation_peak']:.4f} "
         f"| {metrics['train_compile_seconds']:.2f} + {metrics['train_run_seconds']:.2f} | {metrics['train_flops']:.3g} |",
         "",
+        *([f"Held-out accents (accent shift, {metrics['accent_shift']['n']} clips): accuracy "
+            f"{metrics['accent_shift']['accuracy']:.4f} "
+            f"({', '.join(f'{k} {v:.3f}' for k, v in metrics['accent_shift']['per_accent'].items())}).", ""]
+          if "accent_shift" in metrics else []),
         "| Language | Test accuracy |",
         "|---|---|",
         *[f"| {lang} | {acc:.4f} |" for lang, acc in test["per_language"].items()],
@@ -155,12 +159,13 @@ def config_from_flags() -> dict:
 
 
 def make_mesh(data: int, model: int):
-    """(data, model) device mesh, or None for data == 0."""
+    """(data, model) device mesh; None when it would hold a single device (or data == 0)."""
     from encoders import sharding
 
-    if data == 0:
+    devices = jax.device_count() if data < 0 else data
+    if data == 0 or devices * model <= 1:
         return None
-    return sharding.create_mesh(None if data < 0 else data, model)
+    return sharding.create_mesh(devices, model)
 
 
 def load_dataset(spec: str, languages: list[str]):
@@ -196,17 +201,22 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     train, valid, test = cld_data.split(dataset, data_seed=cfg["data_seed"])
     if cfg["samples_per_class"]:
         train = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"], data_seed=cfg["data_seed"])
+    parts = {"train": train, "valid": valid, "test": test, "accent_shift": cld_data.heldout_accent_test(dataset)}
+    for name in ("train", "valid", "test"):
+        if not parts[name].examples:
+            raise ValueError(f"the {name} split of {cfg['dataset']} is empty; the data needs clips in train, valid and test.")
     mesh = make_mesh(cfg["mesh_data"], cfg["mesh_model"])
     encoder, pooling, encoder_id = load_encoder(cfg["encoder"])
     embedded = {}
-    for name, part in (("train", train), ("valid", valid), ("test", test)):
-        if not part:
-            raise ValueError(f"the {name} split is empty; the dataset needs clips in train, valid and test.")
-        X, _ = embeddings.extract(encoder, part, cache_dir=cache_dir, batch_size=cfg["batch_size"], pooling=pooling,
-                                  mesh=mesh)
-        labels = np.array([languages.index(e.lang) for e in part], np.int32)
-        embedded[name] = (np.asarray(X, np.float32), labels, [e.lang for e in part], [e.accent for e in part])
-    (Xtr, ytr, _, _), (Xva, yva, lva, ava), (Xte, yte, lte, ate) = (embedded[k] for k in ("train", "valid", "test"))
+    for name, part in parts.items():
+        if not part.examples:
+            continue
+        X, _ = embeddings.extract(encoder, part.examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
+                                  pooling=pooling, mesh=mesh)
+        embedded[name] = (np.asarray(X, np.float32), np.array([languages.index(e.lang) for e in part.examples], np.int32),
+                          [e.lang for e in part.examples], [e.accent for e in part.examples])
+    Xtr, ytr, _, _ = embedded["train"]
+    Xva, yva, lva, ava = embedded["valid"]
 
     start = time.perf_counter()
     head = fit_head(cfg, Xtr, ytr, Xva, yva, mesh, encoder_id, pooling)
@@ -215,23 +225,24 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     valid_metrics = evaluate(head, Xva, lva, ava)
     metrics = {
         "config": cfg, "encoder": encoder_id, "pooling": pooling, "embedding_dim": int(Xtr.shape[1]),
-        "n_train": len(ytr), "n_valid": len(yva), "n_test": len(yte),
-        "skipped_corrupt": int(dataset.stats.get("skipped_corrupt", 0)) if isinstance(dataset.stats, dict)
-        else int(getattr(dataset.stats, "skipped_corrupt", 0)),
-        "test": evaluate(head, Xte, lte, ate), "valid": valid_metrics,
+        "n_train": len(ytr), "n_valid": len(yva), "n_test": len(embedded["test"][1]),
+        "skipped_corrupt": len(dataset.stats.skipped_corrupt),
+        "test": evaluate(head, *[embedded["test"][i] for i in (0, 2, 3)]), "valid": valid_metrics,
         # the convex head records every ADMM iteration's validation accuracy; other heads report the final one
         "validation_peak": float(max(info.get("val_accuracy_history") or [valid_metrics["accuracy"]])),
         "train_wall_seconds": wall, "train_compile_seconds": float(info.get("compile_seconds", 0.0)),
         "train_run_seconds": float(info.get("run_seconds", wall)), "train_flops": float(info.get("flops", float("nan"))),
         "devices": jax.device_count(), "backend": jax.default_backend(),
     }
+    if "accent_shift" in embedded:
+        metrics["accent_shift"] = evaluate(head, *[embedded["accent_shift"][i] for i in (0, 2, 3)])
     os.makedirs(output_dir, exist_ok=True)
-    head.save(os.path.join(output_dir, "head"))
+    head.save(os.path.join(output_dir, "head"), metrics={k: metrics[k] for k in ("test", "validation_peak")})
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     with open(os.path.join(output_dir, "README.md"), "w") as f:
         f.write(model_card(metrics))
-    logging.info("test accuracy %.4f (%d clips) -> %s", metrics["test"]["accuracy"], len(yte), output_dir)
+    logging.info("test accuracy %.4f (%d clips) -> %s", metrics["test"]["accuracy"], metrics["n_test"], output_dir)
     return metrics
 
 
@@ -242,6 +253,7 @@ def main(argv):
     test = metrics["test"]
     print(f"test detection accuracy {test['accuracy']:.4f} on {test['n']} clips "
           f"({', '.join(f'{k} {v:.3f}' for k, v in test['per_language'].items())}); "
+          + (f"held-out accents {metrics['accent_shift']['accuracy']:.4f}; " if "accent_shift" in metrics else "") +
           f"head trained in {metrics['train_compile_seconds']:.2f} s compile + {metrics['train_run_seconds']:.2f} s run; "
           f"wrote {_OUTPUT.value}")
 
