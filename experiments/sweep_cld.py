@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import train_cld  # noqa: E402  (defines the shared flags)
+from experiments import cld, train_cld  # noqa: E402  (train_cld defines the shared flags)
 
 _SWEEP = flags.DEFINE_list("sweep_samples_per_class", ["100", "500", "1000", "10000"], "Training clips per language.")
 
@@ -46,7 +46,7 @@ def main(argv):
     output = train_cld._OUTPUT.value
     points = []
     for value in sorted(int(v) for v in _SWEEP.value):
-        metrics = train_cld.run({**base, "samples_per_class": value}, os.path.join(output, f"spc_{value}"),
+        metrics = cld.run({**base, "samples_per_class": value}, os.path.join(output, f"spc_{value}"),
                                 train_cld._CACHE.value)
         points.append({"samples_per_class": value, "test_accuracy": metrics["test"]["accuracy"],
                        "validation_peak": metrics["validation_peak"], "n_train": metrics["n_train"],
