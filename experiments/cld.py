@@ -156,8 +156,6 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     languages = cfg["languages"]
     dataset = load_dataset(cfg["dataset"], languages)
     train, valid, test = cld_data.split(dataset, data_seed=cfg["data_seed"])
-    if cfg["samples_per_class"]:
-        train = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"], data_seed=cfg["data_seed"])
     parts = {"train": train, "valid": valid, "test": test, "accent_shift": cld_data.heldout_accent_test(dataset)}
     for name in ("train", "valid", "test"):
         if not parts[name].examples:
@@ -173,6 +171,11 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         embedded[name] = (np.asarray(X, np.float32), np.array([languages.index(e.lang) for e in part.examples], np.int32),
                           [e.lang for e in part.examples], [e.accent for e in part.examples])
     Xtr, ytr, _, _ = embedded["train"]
+    if cfg["samples_per_class"]:  # select rows of the full train split, so its cached embeddings serve every sweep point
+        kept = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"], data_seed=cfg["data_seed"])
+        row = {e.id: i for i, e in enumerate(train.examples)}
+        rows = np.array([row[e.id] for e in kept.examples])
+        Xtr, ytr = Xtr[rows], ytr[rows]
     Xva, yva, lva, ava = embedded["valid"]
 
     start = time.perf_counter()
