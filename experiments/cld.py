@@ -136,8 +136,11 @@ def load_dataset(spec: str, languages: list[str]):
     raise ValueError(f"--dataset={spec} is neither 'embedded', a manifest file nor a saved Hugging Face dataset directory.")
 
 
-def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str):
-    """Trains the configured head on embeddings X with integer labels y (index into cfg['languages'])."""
+def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str, checkpoint_dir: str | None = None):
+    """Trains the configured head on embeddings X with integer labels y (index into cfg['languages']).
+
+    The NN head checkpoints to `checkpoint_dir` (orbax) and resumes from it after a kill.
+    """
     from heads import ConvexReLUHead, LinearHead, NNHead
 
     common = dict(languages=cfg["languages"], encoder=encoder_id, pooling=pooling)
@@ -147,7 +150,7 @@ def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str):
             admm_iters=cfg["admm_iters"], pcg_iters=cfg["pcg_iters"], gamma=cfg["gamma_ratio"], tol=cfg["tol"],
             seed=cfg["opt_seed"], mesh=mesh, validation=(Xval, yval), **common)
     if cfg["head"] == "nn":
-        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], **common)
+        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], checkpoint_dir=checkpoint_dir, **common)
     return LinearHead.fit(X, y, **common)
 
 
@@ -179,7 +182,8 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     Xva, yva, lva, ava = embedded["valid"]
 
     start = time.perf_counter()
-    head = fit_head(cfg, Xtr, ytr, Xva, yva, mesh, encoder_id, pooling)
+    head = fit_head(cfg, Xtr, ytr, Xva, yva, mesh, encoder_id, pooling,
+                    checkpoint_dir=os.path.abspath(os.path.join(output_dir, "nn_checkpoints")))
     wall = time.perf_counter() - start
     info = head.train_info
     valid_metrics = evaluate(head, Xva, lva, ava)
