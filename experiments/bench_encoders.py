@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from experiments import machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["whisper_small", "xlsr_300m"], "Models to benchmark.")
@@ -114,21 +115,6 @@ def run_worker(spec: str) -> dict:
                 peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
-def machine_description() -> str:
-    """CPU model, core count and library versions."""
-    import jax
-    import torch
-
-    cpu = "unknown CPU"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.python_version()}; jax {jax.__version__} "
-            f"({jax.default_backend()}), torch {torch.__version__}")
-
-
 def run_subprocess(model: str, framework: str) -> dict:
     """Runs one measurement in a fresh Python process and returns its result."""
     cmd = [sys.executable, "-m", "experiments.bench_encoders", f"--worker={model}:{framework}",
@@ -159,9 +145,11 @@ def main(argv):
                 if key not in best or row["steady_s"] < best[key]["steady_s"]:
                     best[key] = row
     rows = list(best.values())
+    import torch
+
     lines = [
         "# Encoder benchmark: encoders (JAX/Flax NNX) vs transformers (PyTorch)", "",
-        f"Machine: {machine_description()}.", "",
+        f"Machine: {machine.describe(f'torch {torch.__version__}')}.", "",
         f"Random weights, batch {FLAGS.batch}, {FLAGS.dtype}. Whisper-small-sized encoder (d 768, 12 layers, "
         "12 heads, ffn 3072) on 30 s log-mel input (80 x 3000); XLS-R-300M-sized encoder (hidden 1024, "
         "24 layers, 16 heads, ffn 4096, 7 conv layers of 512 channels, layer-norm feature encoder with conv bias, "

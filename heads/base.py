@@ -7,7 +7,6 @@ the c-th language of the sorted ISO-639-1 codes.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax.numpy as jnp
