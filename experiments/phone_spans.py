@@ -134,3 +134,45 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
     if features.shape[0] != len(labels):
         raise RuntimeError(f"cache under {cache_dir} holds {features.shape[0]} rows for {len(labels)} spans")
     return features, labels, sources
+
+
+def load_span_encoder(spec: str, layer: int, seed: int = 0):
+    """wav2vec2 encoder truncated to `layer` transformer layers; returns (encoder, identity string).
+
+    `spec` is a checkpoint directory / Hub id (XLS-R: layer 15), or `random:small` for a random-weight
+    XLS-R-style encoder (stable layer norm, hidden 256, 6 layers, 4 heads, 128-channel feature encoder)
+    for offline smoke runs.
+    """
+    from encoders import wav2vec2
+
+    if spec == "random:small":
+        config = wav2vec2.Wav2Vec2Config(hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+                                         intermediate_size=1024, conv_dim=(128,) * 7, feat_extract_norm="layer",
+                                         conv_bias=True, do_stable_layer_norm=True, num_conv_pos_embeddings=64)
+        if not 1 <= layer <= config.num_hidden_layers:
+            raise ValueError(f"layer must be in [1, {config.num_hidden_layers}] for {spec}, got {layer}")
+        config = dataclasses.replace(config, num_hidden_layers=layer)
+        return wav2vec2.Wav2Vec2Encoder(config, rngs=nnx.Rngs(seed)), f"random-init XLS-R-style small (seed {seed}), layer {layer}"
+    return wav2vec2.Wav2Vec2Encoder.from_pretrained(spec, num_layers=layer), f"{spec}, layer {layer}"
+
+
+def split_by_source(sources, heldout: Sequence[str]) -> np.ndarray:
+    """(n,) bool mask of spans from held-out sources; errors if a held-out source is absent or all are."""
+    sources = np.asarray(sources, object)
+    missing = sorted(set(heldout) - set(sources))
+    if not heldout or missing:
+        raise ValueError(f"held-out sources {missing or list(heldout)} are absent from the manifest "
+                         f"(sources: {sorted(set(sources))}).")
+    mask = np.isin(sources, list(heldout))
+    if mask.all():
+        raise ValueError("every source is held out: nothing to train on.")
+    return mask
+
+
+def manifest_features(manifest: str, encoder_spec: str, layer: int, cache_dir: str, *, seed: int = 0,
+                      batch_size: int = 8, mesh=None):
+    """(features, labels, sources, encoder identity) of every span of `manifest` (cached)."""
+    encoder, identity = load_span_encoder(encoder_spec, layer, seed)
+    features, labels, sources = extract_spans(encoder, load_phone_manifest(manifest), cache_dir=cache_dir,
+                                              batch_size=batch_size, mesh=mesh)
+    return features, labels, sources, identity
