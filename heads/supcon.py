@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from heads import io
-from heads.baselines import _apply, _open_checkpoints
+from heads.baselines import MLP, _apply, _open_checkpoints
 
 __all__ = ["HEAD_TYPE", "PhoneticProjector", "balanced_batches", "from_torch_checkpoint", "load_projector",
            "project", "save_projector", "supcon_loss", "train_projector"]
@@ -34,21 +34,16 @@ __all__ = ["HEAD_TYPE", "PhoneticProjector", "balanced_batches", "from_torch_che
 HEAD_TYPE = "phonetic_projector"
 
 
-class PhoneticProjector(nnx.Module):
+class PhoneticProjector(MLP):
     """MLP projector in_dim -> hidden -> out_dim (ReLU, dropout in training) with L2-normalised output."""
 
     def __init__(self, in_dim: int = 1024, hidden: int = 1024, out_dim: int = 256, dropout: float = 0.1, *,
                  rngs: nnx.Rngs | None = None):
-        rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.linear1 = nnx.Linear(in_dim, hidden, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout)
-        self.linear2 = nnx.Linear(hidden, out_dim, rngs=rngs)
+        super().__init__(in_dim, hidden, out_dim, dropout, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
     def __call__(self, x, *, dropout_key=None):
         """(B, out_dim) unit vectors; dropout is active only when `dropout_key` is given."""
-        h = jax.nn.relu(self.linear1(x))
-        h = self.dropout(h, deterministic=dropout_key is None, rngs=dropout_key)
-        z = self.linear2(h)
+        z = super().__call__(x, dropout_key=dropout_key)
         return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
 
 
