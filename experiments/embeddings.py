@@ -90,6 +90,61 @@ def _atomic_write(path: str, write: Callable) -> None:
     os.replace(tmp, path)
 
 
+def encoder_batches(encoder, examples: Sequence[Example], batch_size: int, pad_to: int,
+                    mesh: jax.sharding.Mesh | None = None):
+    """Yields (batch, (inputs, sample_mask)) of fixed shape for `examples`, the inputs placed on `mesh`'s
+    `data` axis when given (run the forward under `jax.set_mesh(mesh)`)."""
+    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+    for batch in audio_pipeline(examples, batch_size, pad_to=pad_to, fill_last_batch=True):
+        mask = np.arange(pad_to)[None, :] < batch["lengths"][:, None]
+        inputs = (_encoder_inputs(encoder, batch["audio"], mask), mask)
+        yield batch, inputs if sharding is None else jax.device_put(inputs, sharding)
+
+
+def prepare_mesh(encoder, mesh: jax.sharding.Mesh | None, batch_size: int) -> None:
+    """Places `encoder` on `mesh` (in place) after checking that batches split over its `data` axis."""
+    if mesh is None:
+        return
+    if batch_size % mesh.shape["data"]:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape['data']})")
+    shard_model(encoder, mesh)
+
+
+def cached_rows(cache_dir: str, spec: dict, items: Sequence, shard_size: int,
+                compute: Callable[[Sequence, Callable[[int], None]], np.ndarray], *, desc: str,
+                progress: bool = True, on_shard: Callable[[int], None] | None = None) -> np.ndarray:
+    """Concatenated `compute(items[i:i + shard_size], update)` over shards, cached under cache_dir/hash(spec).
+
+    Each shard's rows and the `index.json` of finished shards are written atomically, so a killed run
+    resumes with the missing shards only. `compute` reports finished items through `update(count)`;
+    `on_shard(items_done)` is called after each shard is on disk.
+    """
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    directory = os.path.join(cache_dir, key)
+    os.makedirs(directory, exist_ok=True)
+    index_path = os.path.join(directory, "index.json")
+    done = {}
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            done = {int(k): v for k, v in json.load(f)["done"].items()}
+    starts = range(0, len(items), shard_size)
+    cached = sum(min(shard_size, len(items) - s) for s in starts if s // shard_size in done)
+    bar = tqdm(total=len(items), initial=cached, unit="clip", desc=f"{desc} {key}", disable=not progress)
+    for start in starts:
+        shard = start // shard_size
+        if shard in done:
+            continue
+        rows = compute(items[start:start + shard_size], bar.update)
+        name = f"shard_{shard:06d}.npy"
+        _atomic_write(os.path.join(directory, name), lambda f: np.save(f, rows))
+        done[shard] = name
+        _atomic_write(index_path, lambda f: f.write(json.dumps({"spec": spec, "done": done}, indent=1).encode()))
+        if on_shard is not None:
+            on_shard(min(start + shard_size, len(items)))
+    bar.close()
+    return np.concatenate([np.load(os.path.join(directory, done[s // shard_size])) for s in starts])
+
+
 def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size: int = 8,
             pooling: str | None = None, mesh: jax.sharding.Mesh | None = None, shard_batches: int = 16,
             progress: bool = True, on_shard: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -108,49 +163,19 @@ def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size:
     pad_to = N_SAMPLES if is_whisper else max(e.num_samples for e in examples)
     spec = cache_spec(encoder, examples, pooling=pooling, pad_to=pad_to, batch_size=batch_size,
                       shard_batches=shard_batches)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-    directory = os.path.join(cache_dir, key)
-    os.makedirs(directory, exist_ok=True)
-    index_path = os.path.join(directory, "index.json")
-    done = {}
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            done = {int(k): v for k, v in json.load(f)["done"].items()}
-    sharding = None
-    if mesh is not None:
-        if batch_size % mesh.shape["data"]:
-            raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape['data']})")
-        shard_model(encoder, mesh)
-        sharding = NamedSharding(mesh, PartitionSpec("data"))
+    prepare_mesh(encoder, mesh, batch_size)
 
-    shard_rows = batch_size * shard_batches
-    starts = range(0, len(examples), shard_rows)
-    cached_rows = sum(min(shard_rows, len(examples) - s) for s in starts if s // shard_rows in done)
-    bar = tqdm(total=len(examples), initial=cached_rows, unit="clip", desc=f"embeddings {key}", disable=not progress)
-    for start in starts:
-        shard = start // shard_rows
-        if shard in done:
-            continue
+    def compute(shard_examples, update):
         rows = []
-        shard_examples = examples[start:start + shard_rows]
-        for batch in audio_pipeline(shard_examples, batch_size, pad_to=pad_to, fill_last_batch=True):
-            mask = np.arange(pad_to)[None, :] < batch["lengths"][:, None]
-            inputs = (_encoder_inputs(encoder, batch["audio"], mask), mask)
-            if sharding is not None:
-                inputs = jax.device_put(inputs, sharding)
+        for batch, inputs in encoder_batches(encoder, shard_examples, batch_size, pad_to, mesh):
             with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
                 pooled = _jit_forward(encoder, *inputs, pooling=pooling)
             rows.append(np.asarray(pooled, np.float32)[batch["valid"]])
-            bar.update(int(batch["valid"].sum()))
-        name = f"shard_{shard:06d}.npy"
-        _atomic_write(os.path.join(directory, name), lambda f: np.save(f, np.concatenate(rows)))
-        done[shard] = name
-        _atomic_write(index_path, lambda f: f.write(json.dumps({"spec": spec, "done": done}, indent=1).encode()))
-        if on_shard is not None:
-            on_shard(min(start + shard_rows, len(examples)))
-    bar.close()
-    embeddings = np.concatenate([np.load(os.path.join(directory, done[s // shard_rows])) for s in starts])
-    if embeddings.shape[0] != len(examples):
-        raise RuntimeError(f"cache {directory} holds {embeddings.shape[0]} rows for {len(examples)} examples")
-    return embeddings, np.array([e.id for e in examples], object)
+            update(int(batch["valid"].sum()))
+        return np.concatenate(rows)
 
+    embeddings = cached_rows(cache_dir, spec, examples, batch_size * shard_batches, compute, desc="embeddings",
+                             progress=progress, on_shard=on_shard)
+    if embeddings.shape[0] != len(examples):
+        raise RuntimeError(f"cache under {cache_dir} holds {embeddings.shape[0]} rows for {len(examples)} examples")
+    return embeddings, np.array([e.id for e in examples], object)
