@@ -5,9 +5,6 @@ from __future__ import annotations
 import torch
 import transformers
 
-LANGS = ("en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id",
-         "hi", "fi", "vi", "he", "uk", "el", "ms")  # the first Whisper language tokens up to ms (50259 + i)
-
 
 def whisper_ids() -> dict:
     """Special-token ids of the multilingual Whisper vocabulary (from openai-whisper's tiktoken files)."""
