@@ -42,31 +42,37 @@ def normalize(text: str, language: str | None = None) -> str:
     return text.replace(" ", "") if language in NO_SPACE_LANGUAGES else text
 
 
-def _pairs(references, hypotheses, language):
+def _pairs(references, hypotheses, language, split_chars: bool):
+    """Normalised (refs, hyps); `language` is one code (or None) or one code per pair. With `split_chars`,
+    no-space languages become space-separated characters (WER over characters)."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
     if not references:
         raise ValueError("no references to score")
-    refs = [normalize(r, language) for r in references]
-    hyps = [normalize(h, language) for h in hypotheses]
-    keep = [i for i, r in enumerate(refs) if r]
-    if not keep:
+    langs = [language] * len(references) if language is None or isinstance(language, str) else list(language)
+    if len(langs) != len(references):
+        raise ValueError(f"{len(langs)} languages for {len(references)} references")
+    refs, hyps = [], []
+    for r, h, lang in zip(references, hypotheses, langs):
+        r, h = normalize(r, lang), normalize(h, lang)
+        if r:  # references that normalise to nothing cannot be scored by jiwer
+            spaced = split_chars and lang in NO_SPACE_LANGUAGES
+            refs.append(" ".join(r) if spaced else r)
+            hyps.append(" ".join(h) if spaced else h)
+    if not refs:
         raise ValueError("every reference is empty after normalisation")
-    return [refs[i] for i in keep], [hyps[i] for i in keep]
+    return refs, hyps
 
 
-def wer(references, hypotheses, language: str | None = None) -> float:
+def wer(references, hypotheses, language=None) -> float:
     """Corpus word error rate; for no-space languages (zh, ja, ...) each character counts as a word.
 
-    References that normalise to nothing are skipped (jiwer cannot score them).
+    `language`: one ISO-639-1 code, or one per pair (mixed-language corpora). References that normalise
+    to nothing are skipped.
     """
-    refs, hyps = _pairs(references, hypotheses, language)
-    if language in NO_SPACE_LANGUAGES:
-        refs, hyps = [" ".join(r) for r in refs], [" ".join(h) for h in hyps]
-    return float(jiwer.wer(refs, hyps))
+    return float(jiwer.wer(*_pairs(references, hypotheses, language, split_chars=True)))
 
 
-def cer(references, hypotheses, language: str | None = None) -> float:
+def cer(references, hypotheses, language=None) -> float:
     """Corpus character error rate (spaces count as characters, except for zh/ja/... which have none)."""
-    refs, hyps = _pairs(references, hypotheses, language)
-    return float(jiwer.cer(refs, hyps))
+    return float(jiwer.cer(*_pairs(references, hypotheses, language, split_chars=False)))

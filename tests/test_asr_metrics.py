@@ -26,6 +26,11 @@ def test_cer_zh_ignores_spaces():
     assert metrics.cer(["abc d"], ["abd d"], "id") == pytest.approx(jiwer.cer("abc d", "abd d")) == pytest.approx(1 / 5)
 
 
+def test_mixed_languages_pool_edits():
+    # zh: 1 char error / 6 chars; id: 1 word error / 2 words -> 2 / 8 pooled
+    assert metrics.wer(["今天天气很好", "apa kabar"], ["今天天器很好", "apa kabur"], ["zh", "id"]) == pytest.approx(2 / 8)
+
+
 def test_english_normaliser_and_errors():
     pytest.importorskip("whisper")
     assert metrics.wer(["I'm going to the colour show"], ["i am going to the color show"], "en") == 0.0
