@@ -12,13 +12,13 @@ markdown table.
 
 from __future__ import annotations
 
-import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
+
+from experiments import report
 
 FLAGS = flags.FLAGS
 
@@ -127,14 +127,12 @@ def define_flags():
 
 def main(argv):
     del argv
-    import jax
     import torch
 
     rows = []
     for size in FLAGS.sizes:
         rows += bench_size(size, [int(b) for b in FLAGS.batch_sizes], FLAGS.max_new_tokens, FLAGS.repeats, FLAGS.dtype)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, JAX "
-               f"{jax.__version__} ({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    machine = report.machine(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     lines = [
         "# Greedy Whisper decoding: asr (JAX) vs transformers PyTorch `generate`", "",
         f"Random-weight models with the real vocabulary; {FLAGS.max_new_tokens} tokens per 30 s window after the "
@@ -148,10 +146,7 @@ def main(argv):
         "RTF: compute seconds per second of audio (lower is faster). `same tokens`: fraction of generated tokens "
         "equal between the two sides (random weights give near-tied logits, so float round-off can flip a few).",
     ]
-    os.makedirs(os.path.dirname(FLAGS.output) or ".", exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.write_markdown(FLAGS.output, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 
-from experiments import machine
+from experiments import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["whisper_small", "xlsr_300m"], "Models to benchmark.")
@@ -149,7 +149,7 @@ def main(argv):
 
     lines = [
         "# Encoder benchmark: encoders (JAX/Flax NNX) vs transformers (PyTorch)", "",
-        f"Machine: {machine.describe(f'torch {torch.__version__}')}.", "",
+        f"Machine: {report.machine(f'torch {torch.__version__}')}.", "",
         f"Random weights, batch {FLAGS.batch}, {FLAGS.dtype}. Whisper-small-sized encoder (d 768, 12 layers, "
         "12 heads, ffn 3072) on 30 s log-mel input (80 x 3000); XLS-R-300M-sized encoder (hidden 1024, "
         "24 layers, 16 heads, ffn 4096, 7 conv layers of 512 channels, layer-norm feature encoder with conv bias, "
@@ -170,9 +170,7 @@ def main(argv):
                      f"{r['throughput']:.1f} | {r['peak_rss_gib']:.2f} | {ratio:.2f}x |")
     lines += ["", "Every round:", "", "| round | model | framework | first call (s) | steady (s/batch) | "
               "peak RSS (GiB) |", "|---|---|---|---|---|---|", *log]
-    os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    report.write_markdown(FLAGS.out, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -9,12 +9,12 @@ Same data (Gaussian blobs), same k, n_init and max_iter for both; JAX times excl
 from __future__ import annotations
 
 import os
-import platform
 import time
 
-import jax
 import numpy as np
 from absl import app, flags
+
+from experiments import report
 from sklearn.cluster import KMeans
 
 from heads import clustering, supcon
@@ -50,8 +50,7 @@ def main(argv):
     load_after = os.getloadavg()
     lines = [
         "# K-means and SupCon benchmark\n",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, jax {jax.__version__} "
-        f"({jax.devices()[0].platform}); load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
+        f"- machine: {report.machine()}; load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, "
         f"after {tuple(round(v, 2) for v in load_after)} (the CPU is shared with another developer)",
         f"- data: n={_N.value}, d={_D.value}, K={_K.value}, n_init={_N_INIT.value}, max_iter={_MAX_ITER.value}, "
         "Gaussian blobs, float32", "",
@@ -63,10 +62,7 @@ def main(argv):
         f"SupCon training (1024 -> 1024 -> 256, batches of 32 classes x 8 spans, Adam): {info['steps_run']} steps in "
         f"{info['seconds']:.1f} s = {info['steps_run'] / info['seconds']:.1f} steps/s (including the first step's compilation).",
     ]
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report.write_markdown(_OUT.value, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import phone_spans
+from experiments import phone_spans, report
 from heads import clustering, supcon
 
 _MANIFEST = flags.DEFINE_string("manifest", "outputs/phone_corpus/manifest.jsonl", "Phone-span JSONL manifest.")
@@ -43,7 +43,7 @@ def scores(features, labels, k: int, seed: int, n_init: int) -> dict:
 
 def table(rows: list[dict], meta: dict) -> str:
     """Markdown: the published table's columns, then cluster and rare-tail purity."""
-    lines = [f"# Phone clustering on held-out sources\n", *(f"- {k}: {v}" for k, v in meta.items()), "",
+    lines = ["# Phone clustering on held-out sources\n", *(f"- {k}: {v}" for k, v in meta.items()), "",
              "| K | baseline PNMI | projected PNMI | ΔPNMI | baseline purity | projected purity | Δpurity |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -87,9 +87,7 @@ def main(argv):
             "K-means": f"k-means++ x {_N_INIT.value} restarts, seed {_SEED.value}",
             "rare tail": f"{_TAIL.value:.0%} least frequent phones", "seconds": round(time.perf_counter() - start, 1),
             "skipped K (not below the number of held-out spans)": ", ".join(map(str, skipped)) or "none"}
-    os.makedirs(os.path.dirname(os.path.abspath(_RESULTS.value)), exist_ok=True)
-    with open(_RESULTS.value, "w") as f:
-        f.write(table(rows, meta))
+    report.write_markdown(_RESULTS.value, table(rows, meta))
     with open(os.path.splitext(_RESULTS.value)[0] + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(table(rows, meta))

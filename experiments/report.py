@@ -1,4 +1,4 @@
-"""One-line description of the machine a benchmark ran on, for the committed result tables."""
+"""Shared pieces of the benchmark reports: the machine description and writing the markdown file."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import platform
 
 
-def describe(*extra: str) -> str:
+def machine(*extra: str) -> str:
     """CPU model, cores, RAM, OS, Python and jax versions (plus `extra` items, e.g. other libraries)."""
     import jax
 
@@ -18,3 +18,11 @@ def describe(*extra: str) -> str:
     parts = [cpu, f"{os.cpu_count()} cores", f"{memory:.0f} GiB RAM", f"{platform.system()} {platform.machine()}",
              f"Python {platform.python_version()}", f"jax {jax.__version__} ({jax.default_backend()})", *extra]
     return ", ".join(parts)
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Writes `text` to `path` (creating its folder) and says so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+    print(f"wrote {path}")
