@@ -38,7 +38,7 @@ class ConvexReLUClassifier:
       mesh: optional device mesh with a `data` axis to shard the rows over.
     """
 
-    def __init__(self, n_patterns: int = 64, beta: float = 1e-3, *, rho: float = 0.1, rank: int = 20,
+    def __init__(self, n_patterns: int = 64, beta: float = 1e-3, *, rho: float | None = None, rank: int = 20,
                  admm_iters: int = 1000, pcg_iters: int = 50, gamma: float = 1.0, tol: float | None = 1e-3,
                  gated: bool = False, random_state: int = 0, dtype: str = "float32", mesh=None):
         self.n_patterns = n_patterns

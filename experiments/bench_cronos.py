@@ -56,6 +56,8 @@ _VAL = flags.DEFINE_integer("val_size", 2000, "Validation samples.")
 _PYSCNN_PROBLEMS = flags.DEFINE_list("pyscnn_problems", ["1000:768:2", "5000:768:2", "20000:768:2", "12000:1280:5"],
                                      "Problems n:d:C (C classes) of the pyscnn comparison.")
 _PYSCNN_TOL = flags.DEFINE_list("pyscnn_tol", ["1e-4", "1e-6"], "pyscnn AL tolerances: one pyscnn run and one target each.")
+_PYSCNN_MAX_SECONDS = flags.DEFINE_float("pyscnn_max_seconds", 1200.0,
+                                         "Wall-clock cap on one pyscnn run (stopped through its outer stopping test).")
 _PYSCNN_JAXCLD = flags.DEFINE_bool("pyscnn_jaxcld", True, "Also run jaxcld 0.2.4 (fixed settings) on every pyscnn problem.")
 _CRONOS_MAX_ITERS = flags.DEFINE_integer("cronos_max_iters", 3000,
                                          "ADMM iteration cap of cronos's trace run (internal: of a timed run).")
@@ -76,7 +78,7 @@ TARGET_RETRIES = 5  # timed re-runs with more iterations when the first one miss
 def cronos_config(max_iters: int):
     """cronos's settings in the pyscnn comparison (trace and timed runs); `max_iters` caps ADMM iterations."""
     import cronos
-    return cronos.ADMMConfig(tol=1e-6, admm_iters=max_iters, pcg_iters=100)
+    return cronos.ADMMConfig(tol=1e-4, admm_iters=max_iters)  # tolerance-mode defaults, pyscnn's tol
 
 
 def make_data(n: int, n_val: int, d: int, seed: int = 0, num_classes: int = 2):
@@ -191,23 +193,46 @@ def _worker_jaxcld(data, out):
     np.savez(out, v=np.asarray(v[:, 0]), w=np.asarray(v[:, 1]), wall=wall, val_accuracy=accuracy)
 
 
-def _worker_pyscnn(data, out, tol):
-    """pyscnn's augmented Lagrangian (its defaults apart from tol; unitize_data off) on our gates."""
+def _worker_pyscnn(data, out, tol, max_seconds):
+    """pyscnn's augmented Lagrangian (its defaults apart from tol; unitize_data off) on our gates.
+
+    A wall-clock cap (`--pyscnn_max_seconds`) is added to pyscnn's own outer stopping test, so a run that
+    would take hours returns its iterate at the cap (recorded as `capped`).
+    """
     from scnn.metrics import Metrics
     from scnn.models import ConvexReLU
     from scnn.optimize import optimize_model
     from scnn.regularizers import NeuronGL1
     from scnn.solvers import AL
+    import scnn.optimize
     X, Y, G = data["X"], data["Y"], data["G"]
     n, C = Y.shape
     start = time.perf_counter()
+    capped = []
+    build = scnn.optimize.build_optimizer
+
+    def build_with_deadline(*args, **kwargs):
+        """pyscnn's own procedure, whose outer stopping test also fires once max_seconds have passed."""
+        procedure = build(*args, **kwargs)
+        criterion = procedure.outer_term_criterion
+
+        def stop(*a):
+            if time.perf_counter() - start > max_seconds:
+                capped.append(True)
+                return True
+            return criterion(*a)
+
+        procedure.outer_term_criterion = stop
+        return procedure
+
+    scnn.optimize.build_optimizer = build_with_deadline
     model = ConvexReLU(G.astype(np.float64), c=C)
     # scnn: (1/(2nC)) ||r||^2 + lam * sum(||v_i|| + ||w_i||); lam = beta / (nC) makes it our objective / (nC).
     model, _ = optimize_model(model, AL(model, tol=tol), Metrics(), X, Y, regularizer=NeuronGL1(float(data["beta"]) / (n * C)),
                               return_convex=True, unitize_data=False, verbose=False)
     wall = time.perf_counter() - start
     v, w = model.parameters  # (C, P', d) each, in pyscnn's pattern order (gates model.G)
-    np.savez(out, v=np.asarray(v), w=np.asarray(w), gates=np.asarray(model.G), wall=wall)
+    np.savez(out, v=np.asarray(v), w=np.asarray(w), gates=np.asarray(model.G), wall=wall, capped=bool(capped))
 
 
 def _worker_cronos_tol(data, out, max_iters, trace):
@@ -303,12 +328,17 @@ def _spawn(worker: str, data_path: str | None, result_path: str, *extra: str) ->
         raise RuntimeError(f"worker {worker} failed:\n{out.stderr[-4000:]}")
 
 
-def _parse_problem(spec: str) -> tuple[int, int, int]:
+def _parse_problem(spec: str) -> tuple[int, int, int, list[float]]:
+    """n:d:C, optionally :tol1/tol2 (pyscnn tolerances for this problem; default --pyscnn_tol)."""
+    parts = spec.split(":")
     try:
-        n, d, c = (int(part) for part in spec.split(":"))
+        n, d, c = (int(part) for part in parts[:3])
+        tols = [float(t) for t in parts[3].split("/")] if len(parts) == 4 else [float(t) for t in _PYSCNN_TOL.value]
+        if len(parts) not in (3, 4):
+            raise ValueError
     except ValueError:
-        raise app.UsageError(f"--pyscnn_problems entries are n:d:C (integers), got {spec!r}") from None
-    return n, d, c
+        raise app.UsageError(f"--pyscnn_problems entries are n:d:C or n:d:C:tol1/tol2, got {spec!r}") from None
+    return n, d, c, tols
 
 
 def main(argv):
@@ -323,7 +353,7 @@ def main(argv):
         elif _WORKER.value == "adam":
             _worker_adam(data, _RESULT.value, _TARGET.value, _ADAM_SECONDS.value)
         elif _WORKER.value == "pyscnn":
-            _worker_pyscnn(data, _RESULT.value, _PYSCNN_WORKER_TOL.value)
+            _worker_pyscnn(data, _RESULT.value, _PYSCNN_WORKER_TOL.value, _PYSCNN_MAX_SECONDS.value)
         elif _WORKER.value in ("cronos_trace", "cronos_target"):
             _worker_cronos_tol(data, _RESULT.value, _CRONOS_MAX_ITERS.value, trace=_WORKER.value == "cronos_trace")
         else:
@@ -404,9 +434,8 @@ def _run_pyscnn(tmp, problems):
     import jax
     import cronos
 
-    tols = [float(t) for t in _PYSCNN_TOL.value]
     rows = []
-    for n, d, C in problems:
+    for n, d, C, tols in problems:
         tag = f"{n}_{d}_{C}"
         (X, y), (Xval, yval) = make_data(n, _VAL.value, d, num_classes=C)
         G = np.asarray(cronos.sample_gates(jax.random.key(1), d, _PATTERNS.value))
@@ -423,10 +452,10 @@ def _run_pyscnn(tmp, problems):
         pyscnn = {}
         for tol in tols:
             path = os.path.join(tmp, f"pyscnn_{tag}_{tol:g}.npz")
-            _spawn("pyscnn", data_path, path, f"--pyscnn_worker_tol={tol!r}")
+            _spawn("pyscnn", data_path, path, f"--pyscnn_worker_tol={tol!r}", f"--pyscnn_max_seconds={_PYSCNN_MAX_SECONDS.value}")
             out = np.load(path)
             v, w = pyscnn_to_cronos_layout(X, D, out["gates"], out["v"], out["w"])
-            pyscnn[tol] = {"wall": float(out["wall"]), "patterns": int(out["gates"].shape[1]), **evaluate(v, w)}
+            pyscnn[tol] = {"wall": float(out["wall"]), "capped": bool(out["capped"]), "patterns": int(out["gates"].shape[1]), **evaluate(v, w)}
             print(f"{tag} tol {tol:g}: pyscnn {pyscnn[tol]['wall']:.2f}s network objective {pyscnn[tol]['network']:.7g} "
                   f"convex {pyscnn[tol]['convex']:.7g} violation {pyscnn[tol]['violation']:.1e}", flush=True)
 
@@ -437,7 +466,7 @@ def _run_pyscnn(tmp, problems):
                  "iterations": int(out["iterations"]), "converged": bool(out["converged"]),
                  "flops": float(out["flops"]), **evaluate(out["v"], out["w"])}
         trace["gflops"] = trace["flops"] / trace["run"] / 1e9
-        history = np.asarray(out["history_objective"], np.float64)
+        history = np.asarray(out["history_network_objective"], np.float64)
         print(f"{tag}: cronos trace {trace['wall']:.2f}s (compile {trace['compile']:.2f}s), {trace['iterations']} "
               f"iterations (converged {trace['converged']}), network objective {trace['network']:.7g} violation "
               f"{trace['violation']:.1e}, {trace['gflops']:.1f} GFLOP/s", flush=True)
@@ -463,7 +492,7 @@ def _time_to_target(data_path, result_path, problem, history, target, trace) -> 
     """Times a fresh cronos run of k* iterations, k* read off the trace; verifies the objective independently.
 
     The iteration is deterministic given its count, so the k*-iteration run ends at the trace's k*-th
-    iterate. The trace records the (float32) convex objective of each iterate; the target is checked
+    iterate. The trace records the (float32) network objective of each iterate; the target is checked
     against the network objective, so a run that misses it is repeated with max(5, 10%) more iterations.
     """
     threshold = target * (1.0 + TARGET_SLACK)
@@ -583,6 +612,7 @@ def _adam_lines(adam_rows):
 
 def _pyscnn_lines(rows):
     config = cronos_config(_CRONOS_MAX_ITERS.value)
+    rho_schedule = f"balanced against the residuals after {config.rho_warmup} iterations" if config.adapt_rho else "fixed"
     jaxcld_text = (
         f" jaxcld 0.2.4 runs once per problem at its published fixed settings (rho {RHO}, rank {RANK}, {ADMM_ITERS} ADMM "
         f"x {PCG_ITERS} PCG, gamma {GAMMA}) on the same patterns, for reference (it does not aim at the target)."
@@ -600,7 +630,9 @@ def _pyscnn_lines(rows):
         f"(beta = {_BETA.value}) makes its objective ours divided by nC: both solve the same program. pyscnn runs once "
         "per `AL` tolerance `tol` (its bound on the squared gradient norm of the Lagrangian; 1e-6 is its default), "
         "other settings at their defaults, `unitize_data` off; its wall time runs from building its model to "
-        "`optimize_model` returning.",
+        "`optimize_model` returning. A run still going after --pyscnn_max_seconds "
+        f"({_PYSCNN_MAX_SECONDS.value:g} s) is stopped through pyscnn's own outer stopping test and marked "
+        "'(time cap)': its iterate at that moment is the target, and the speed-up is then a lower bound.",
         "",
         "Every objective below is computed by this script from the returned weights with the same float64 NumPy "
         "functions, never taken from a solver: the network objective is the regularised training loss of the "
@@ -610,10 +642,10 @@ def _pyscnn_lines(rows):
         "(relative norm of the violated part of (2D - I) X [v, w]).",
         "",
         "Target = pyscnn's network objective at that tolerance. cronos (`cronos_config`: ADMM tolerance "
-        f"{config.tol}, at most {config.pcg_iters} PCG iterations per ADMM step, rho {config.rho} "
-        f"({'adapted' if config.adapt_rho else 'fixed'}), Nystrom rank {config.rank}, relaxation "
+        f"{config.tol}, at most {config.pcg_iters} PCG iterations per ADMM step, rho {config.effective_rho} "
+        f"({rho_schedule}), Nystrom rank {config.rank}, relaxation "
         f"{config.effective_relaxation}, preconditioner {config.preconditioner}, {config.dtype}) first makes one trace "
-        f"run of at most {_CRONOS_MAX_ITERS.value} ADMM iterations that records the objective of every iterate; k* is "
+        f"run of at most {_CRONOS_MAX_ITERS.value} ADMM iterations that records the network objective of every iterate (float32, `history['network_objective']`); k* is "
         f"the first iteration count whose recorded objective is <= target * (1 + {TARGET_SLACK:g}). cronos then runs "
         "again in a fresh process with exactly k* iterations; the iteration is deterministic given its count, so this "
         "timed run ends at the trace's k*-th iterate, and its wall time (JIT compilation included, compile / run "
@@ -637,14 +669,14 @@ def _pyscnn_lines(rows):
         else:
             time_cell = f"{t['wall']:.2f} ({t['compile']:.2f} / {t['run']:.2f})"
             iters_cell = str(t["k_star"]) if t["iterations"] == t["k_star"] else f"{t['k_star']} -> {t['iterations']}"
-            speedup = f"{p['wall'] / t['wall']:.1f}x"
+            speedup = f"{'>= ' if p['capped'] else ''}{p['wall'] / t['wall']:.1f}x"
             if t["status"] == "not verified":
                 time_cell = f"not verified: {t['iterations']} iterations give {t['network']:.7g}"
                 speedup = "-"
         iterations = f"{c['iterations']} ({'converged' if c['converged'] else 'cap'})"
         jaxcld_cells = f"{j['wall']:.2f} | {j['network']:.7g}" if j is not None else "- | -"
         lines.append(
-            f"| {r['n']} | {r['d']} | {r['C']} | {r['tol']:g} | {p['wall']:.2f} | {p['network']:.7g} "
+            f"| {r['n']} | {r['d']} | {r['C']} | {r['tol']:g} | {p['wall']:.2f}{' (time cap)' if p['capped'] else ''} | {p['network']:.7g} "
             f"| {p['convex']:.7g} / {p['violation']:.1e} | {time_cell} | {iters_cell} | {speedup} | {c['network']:.7g} "
             f"| {c['violation']:.1e} | {c['wall']:.2f} | {iterations} | {c['flops'] / 1e9:.1f} | {c['gflops']:.1f} "
             f"| {jaxcld_cells} |")

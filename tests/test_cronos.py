@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,19 +30,19 @@ def _data(n, d, P, C, seed=1, pattern_seed=2):
     return X, Y, D
 
 
-def _tight(rho=0.1, dtype="float64", **kw):
+def _tight(rho=None, dtype="float64", **kw):
     return cronos.ADMMConfig(rho=rho, tol=1e-6, admm_iters=4000, pcg_iters=200, rank=10, dtype=dtype, **kw)
 
 
 CASES = [
     # n, d, P, C, cone, rho, dtype
-    (120, 6, 6, 2, True, 0.1, "float64"),
+    (120, 6, 6, 2, True, None, "float64"),
     (200, 10, 8, 3, True, 1e-3, "float64"),
     (150, 8, 8, 1, True, 100.0, "float64"),
-    (100, 5, 4, 2, False, 0.1, "float64"),
+    (100, 5, 4, 2, False, None, "float64"),
     (160, 7, 5, 3, False, 10.0, "float64"),
-    (120, 6, 6, 2, True, 0.1, "float32"),
-    (100, 5, 4, 2, False, 0.1, "float32"),
+    (120, 6, 6, 2, True, None, "float32"),
+    (100, 5, 4, 2, False, None, "float32"),
 ]
 
 
@@ -91,6 +92,18 @@ def test_any_starting_rho_converges(rho):
     assert cronos.constraint_violation(problem, result.v, result.w) <= 1e-4
 
 
+def test_rho_is_held_during_warmup_then_balanced():
+    X, Y, D = _data(120, 6, 6, 2)
+    problem = cronos.ConvexReLU(X, Y, patterns=D, beta=1e-2)
+    assert cronos.ADMMConfig().effective_rho == 0.1 and cronos.ADMMConfig(tol=1e-3).effective_rho == 0.03
+    config = cronos.ADMMConfig(rho=1e-3, tol=1e-12, admm_iters=60, rho_warmup=20)  # far too small a rho
+    rho = cronos.solve(problem, config, key=jax.random.key(0)).history["rho"]
+    np.testing.assert_allclose(rho[:20], 1e-3, rtol=1e-6)
+    assert rho[20:].max() > 10 * 1e-3  # balancing, once allowed, moves rho towards the residuals' balance
+    held = cronos.solve(problem, dataclasses.replace(config, adapt_rho=False), key=jax.random.key(0)).history["rho"]
+    np.testing.assert_allclose(held, 1e-3, rtol=1e-6)
+
+
 def test_gated_relu_predicts_with_its_gates():
     rng = np.random.default_rng(3)
     X, Xnew = rng.standard_normal((100, 5)), rng.standard_normal((30, 5))
@@ -131,11 +144,17 @@ def test_fixed_mode_history_flops_and_single_compilation():
     result = cronos.solve(problem, config, key=jax.random.key(0), validation=(X[:20], y[:20]))
     h = result.history
     assert result.iterations == 7 and not result.converged
-    assert set(h) == {"objective", "primal_residual", "dual_residual", "constraint_violation", "pcg_iterations", "rho",
-                      "val_accuracy"}
+    assert set(h) == {"objective", "network_objective", "primal_residual", "dual_residual", "constraint_violation",
+                      "pcg_iterations", "rho", "val_accuracy"}
     assert all(len(a) == 7 for a in h.values())
     assert (h["pcg_iterations"] >= 1).all() and (h["pcg_iterations"] <= 5).all()
     np.testing.assert_allclose(h["objective"][-1], cronos.objective(problem, result.v, result.w), rtol=1e-4)
+    # The network objective is the regularised loss of the ReLU network sum_i relu(X v_i) - relu(X w_i).
+    v, w = np.asarray(result.v, np.float64), np.asarray(result.w, np.float64)
+    scores = np.maximum(np.einsum("nd,cdp->ncp", X, v), 0).sum(-1) - np.maximum(np.einsum("nd,cdp->ncp", X, w), 0).sum(-1)
+    network = 0.5 * np.sum((scores - Y) ** 2) + 1e-3 * (np.linalg.norm(v, axis=1).sum() + np.linalg.norm(w, axis=1).sum())
+    np.testing.assert_allclose(h["network_objective"][-1], network, rtol=1e-4)
+    assert not np.isclose(network, cronos.objective(problem, v, w), rtol=1e-3)  # 7 iterations: constraints still violated
     np.testing.assert_allclose(h["val_accuracy"][-1], accuracy_score(y[:20], np.asarray(result.predict(X[:20]))))
     # FLOPs come from XLA's cost analysis; a PCG iteration holds at least its two n x d x (C P) GEMMs.
     flops = result.flops
@@ -158,7 +177,9 @@ def test_deterministic_for_a_key_and_robust_to_rank_deficient_sketches():
     y = np.concatenate([rng.integers(0, 2, 40)] * 2)
     D = np.asarray(cronos.sample_patterns(jax.random.key(3), X, 4))
     problem = cronos.ConvexReLU(X, y, patterns=D, beta=1e-2)
-    config = cronos.ADMMConfig(rank=24, tol=1e-5, admm_iters=3000)  # rank = d * P: far beyond the operator's rank
+    # rank = d * P: far beyond the operator's rank. Balancing from the first iteration: on this degenerate
+    # float32 problem the default warm-up at rho 0.03 leaves a 1e-4 violation after 3000 iterations.
+    config = cronos.ADMMConfig(rank=24, tol=1e-5, admm_iters=3000, rho=0.1, rho_warmup=0)
     first = cronos.solve(problem, config, key=jax.random.key(11))
     second = cronos.solve(problem, config, key=jax.random.key(11))
     np.testing.assert_array_equal(np.asarray(first.v), np.asarray(second.v))
@@ -253,6 +274,7 @@ def test_classifier_multiclass_with_tuple_labels():
          "rank 21 exceeds"),
         (lambda X, y, D: cronos.ADMMConfig(rho=0.0), "rho"),
         (lambda X, y, D: cronos.ADMMConfig(tol=-1.0), "tol"),
+        (lambda X, y, D: cronos.ADMMConfig(rho_warmup=-1), "rho_warmup"),
         (lambda X, y, D: cronos.solve(cronos.ConvexReLU(X, y, patterns=D), cronos.ADMMConfig(dtype="float64")),
          "jax_enable_x64"),
         (lambda X, y, D: cronos.solve(cronos.ConvexReLU(X, y, patterns=D), validation=(X[:, :3], y)), r"validation X"),
