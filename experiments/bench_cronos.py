@@ -2,8 +2,9 @@
 
     pip install --no-deps jaxcld==0.2.4             # the published reference solver (pure JAX)
     pip install --no-deps pyscnn linalg_backends    # pyscnn (`import scnn`): augmented Lagrangian for convex ReLU
-    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos.flags
-    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos_quick.flags   # a smoke test
+    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos.flags          # jaxcld, adam
+    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos_pyscnn.flags   # pyscnn
+    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos_quick.flags    # a smoke test
 
 Sections (`--sections`, any of jaxcld, pyscnn, adam):
 
@@ -12,7 +13,8 @@ Sections (`--sections`, any of jaxcld, pyscnn, adam):
   * adam: time for an optax-Adam MLP to reach cronos's validation accuracy (sizes `--adam_sizes`).
   * pyscnn: time for cronos (settings of `cronos_config`) to reach the objective at which pyscnn's
     augmented-Lagrangian solver stops, for each problem `n:d:C` of `--pyscnn_problems` and each pyscnn
-    tolerance of `--pyscnn_tol`; jaxcld's fixed-settings result on the same problem alongside.
+    tolerance (`--pyscnn_tol`, or the problem's own `:tol1/tol2`); jaxcld's fixed-settings result on
+    the same problem alongside.
 
 Every solver runs in a fresh subprocess of this binary (`--worker=...`), so each wall time includes
 its JIT compilation and nothing else shares the interpreter (imports excluded). All solvers of a
