@@ -25,8 +25,9 @@ tolerance mode stops on relative primal/dual residuals, solves PCG inexactly wit
 tightens as 0.1 / (k + 1)^2, warm-starts PCG from the previous solution, over-relaxes with
 alpha = 1.6, runs its first 100 iterations at a small rho (0.03), where the objective falls fastest,
 and then balances rho against the residuals every 5 iterations (duals rescaled, preconditioner
-refreshed), which makes the iterate feasible and stops it. Every iteration also records the network objective (the
-regularised loss of the ReLU network the iterate defines, from the X v product it already computes).
+refreshed), which makes the iterate feasible and stops it. Every iteration also records the network
+objective (the regularised loss of the ReLU network the iterate defines, from the X v product it
+already computes).
 An optional constraint scale s weights the cone block (G = s (2D - I) X).
 """
 
@@ -54,7 +55,8 @@ from cronos.problems import (
 
 __all__ = ["ADMMConfig", "SolveResult", "solve"]
 
-_HISTORY_KEYS = ("objective", "network_objective", "primal_residual", "dual_residual", "constraint_violation", "pcg_iterations", "rho")
+_HISTORY_KEYS = ("objective", "network_objective", "primal_residual", "dual_residual", "constraint_violation",
+                 "pcg_iterations", "rho")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +352,8 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
         converged = (pri_rel <= statics.tol) & (dual_rel <= statics.tol)
         if statics.adapt_rho:
             ratio = jnp.sqrt(pri_rel / jnp.maximum(dual_rel, tiny))
-            adapt = (~converged) & (k + 1 > statics.rho_warmup) & ((k + 1) % 5 == 0) & ((ratio > 2.0) | (ratio < 0.5))
+            due = (k + 1 > statics.rho_warmup) & ((k + 1) % 5 == 0)
+            adapt = (~converged) & due & ((ratio > 2.0) | (ratio < 0.5))
             rho_new = jnp.where(adapt, rho * jnp.clip(ratio, 1e-2, 1e2), rho)
             shrink = rho / rho_new
             lam_new = lam_new * shrink
@@ -435,8 +438,9 @@ class SolveResult:
     Attributes:
       v, w: (C, d, P) weights (w is None for gated ReLU).
       history: per-iteration numpy arrays (objective; network_objective, the regularised loss of the
-        ReLU network the iterate defines, equal to the objective once the cone constraints hold; primal_residual, dual_residual,
-        constraint_violation, pcg_iterations, rho, and val_accuracy when validation data was given).
+        ReLU network the iterate defines, equal to the objective once the cone constraints hold;
+        primal_residual, dual_residual, constraint_violation, pcg_iterations, rho, and val_accuracy
+        when validation data was given).
       iterations: ADMM iterations run. converged: tolerance met (always False in fixed mode).
       rho: final penalty. compile_seconds / run_seconds: compilation (0 when cached) and execution.
       gates: (d, P) gate vectors if the problem carried them.
@@ -574,7 +578,8 @@ def solve(
 
     statics = _Statics(
         has_cone=problem.has_cone, rank=int(config.rank), admm_iters=int(config.admm_iters),
-        pcg_iters=int(config.pcg_iters), tol=config.tol, adapt_rho=bool(config.adapt_rho), rho_warmup=int(config.rho_warmup),
+        pcg_iters=int(config.pcg_iters), tol=config.tol, adapt_rho=bool(config.adapt_rho),
+        rho_warmup=int(config.rho_warmup),
         preconditioner=config.preconditioner, relaxation=config.effective_relaxation,
         with_validation=validation is not None, row_sharding=row_sharding,
     )

@@ -229,6 +229,26 @@ def objective(problem: _Problem, v, w=None) -> float:
     return float(0.5 * np.sum((pred - problem.Y) ** 2) + problem.beta * reg)
 
 
+def network_objective(problem: _Problem, v, w) -> float:
+    """Regularised loss of the two-layer ReLU network that convex weights (v, w) define, in float64 NumPy.
+
+        1/2 || sum_i relu(X v_i) - relu(X w_i) - y_c ||^2 + beta * sum_i (||v_i|| + ||w_i||),  summed over classes,
+
+    v, w: (C, d, P). Equals `objective` when the cone constraints hold (then D_i X v_i = relu(X v_i));
+    when they do not, it is the loss of the network one actually gets (Theorem-1 weights).
+    """
+    X = problem.X.astype(np.float64)
+    v, w = np.asarray(v, np.float64), np.asarray(w, np.float64)
+    C, d, P = v.shape
+
+    def hidden(a):  # (n, C, P) relu(X a_i) for every class and pattern, one GEMM
+        return np.maximum(X @ a.transpose(1, 0, 2).reshape(d, C * P), 0.0).reshape(-1, C, P)
+
+    pred = (hidden(v) - hidden(w)).sum(axis=2)
+    reg = np.linalg.norm(v, axis=1).sum() + np.linalg.norm(w, axis=1).sum()
+    return float(0.5 * np.sum((pred - problem.Y) ** 2) + problem.beta * reg)
+
+
 def constraint_violation(problem: _Problem, v, w) -> float:
     """Relative cone-constraint violation ||min((2D - I) X [v, w], 0)|| / ||(2D - I) X [v, w]||."""
     X = problem.X.astype(np.float64)

@@ -21,7 +21,7 @@ its JIT compilation and nothing else shares the interpreter (imports excluded). 
 problem get the same data and the same activation patterns; their objectives are evaluated by the
 driver from the returned weights with one set of float64 NumPy functions, never taken from the
 solvers: `cronos.objective` (the convex program), `cronos.constraint_violation` and
-`network_objective` (the regularised training loss of the two-layer ReLU network the weights define,
+`cronos.network_objective` (the regularised training loss of the two-layer ReLU network the weights define,
 honest when the cone constraints do not hold). FLOPs come from XLA's cost analysis (`SolveResult.flops`).
 
 Data: embedding-like synthetic C-class data (power-law spectrum, class means offset along a few
@@ -45,7 +45,8 @@ from absl import app, flags
 
 from experiments import report
 
-_SECTIONS = flags.DEFINE_list("sections", ["jaxcld", "pyscnn", "adam"],
+SECTIONS = ("jaxcld", "pyscnn", "adam")
+_SECTIONS = flags.DEFINE_list("sections", list(SECTIONS),
                               "Report sections to run: jaxcld (fixed-settings table and FLOPs), pyscnn, adam.")
 _SIZES = flags.DEFINE_list("sizes", ["200", "1000", "2000", "20000"], "Training-set sizes n.")
 _DIM = flags.DEFINE_integer("dim", 768, "Feature dimension d.")
@@ -72,7 +73,6 @@ _TARGET = flags.DEFINE_float("target_accuracy", 0.0, "Internal: Adam stops at th
 _PYSCNN_WORKER_TOL = flags.DEFINE_float("pyscnn_worker_tol", None, "Internal: the AL tolerance of a pyscnn worker.")
 
 RHO, RANK, ADMM_ITERS, PCG_ITERS, GAMMA = 0.1, 20, 6, 32, 1.0  # the published CLD settings
-SECTIONS = ("jaxcld", "pyscnn", "adam")
 TARGET_SLACK = 1e-4  # cronos reaches a target when its objective is <= target * (1 + TARGET_SLACK)
 TARGET_RETRIES = 5  # timed re-runs with more iterations when the first one misses the target
 
@@ -104,26 +104,6 @@ def make_data(n: int, n_val: int, d: int, seed: int = 0, num_classes: int = 2):
         X = (rng.standard_normal((m, d)) * scales) @ basis.T + means[y]
         return X.astype(np.float32), y.astype(np.int32)
     return draw(n), draw(n_val)
-
-
-def network_objective(problem, v, w) -> float:
-    """Regularised training loss of the two-layer ReLU network that convex weights (v, w) define (float64).
-
-        1/2 || sum_i relu(X v_i) - relu(X w_i) - Y ||^2 + beta * sum_i (||v_i|| + ||w_i||),  per class,
-
-    v, w: (C, d, P). Equal to `cronos.objective` when the cone constraints hold (then D_i X v_i =
-    relu(X v_i)); when they do not, this is the loss of the network one actually gets.
-    """
-    X = np.asarray(problem.X, np.float64)
-    v, w = np.asarray(v, np.float64), np.asarray(w, np.float64)
-    C, d, P = v.shape
-
-    def hidden(a):  # (n, C, P) relu(X a_i) for every class and pattern, one GEMM
-        return np.maximum(X @ a.transpose(1, 0, 2).reshape(d, C * P), 0.0).reshape(-1, C, P)
-
-    pred = (hidden(v) - hidden(w)).sum(axis=2)
-    reg = np.linalg.norm(v, axis=1).sum() + np.linalg.norm(w, axis=1).sum()
-    return float(0.5 * np.sum((pred - np.asarray(problem.Y, np.float64)) ** 2) + problem.beta * reg)
 
 
 def pyscnn_to_cronos_layout(X, D, gates, v, w):
@@ -201,12 +181,11 @@ def _worker_pyscnn(data, out, tol, max_seconds):
     A wall-clock cap (`--pyscnn_max_seconds`) is added to pyscnn's own outer stopping test, so a run that
     would take hours returns its iterate at the cap (recorded as `capped`).
     """
+    import scnn.optimize
     from scnn.metrics import Metrics
     from scnn.models import ConvexReLU
-    from scnn.optimize import optimize_model
     from scnn.regularizers import NeuronGL1
     from scnn.solvers import AL
-    import scnn.optimize
     X, Y, G = data["X"], data["Y"], data["G"]
     n, C = Y.shape
     start = time.perf_counter()
@@ -230,7 +209,7 @@ def _worker_pyscnn(data, out, tol, max_seconds):
     scnn.optimize.build_optimizer = build_with_deadline
     model = ConvexReLU(G.astype(np.float64), c=C)
     # scnn: (1/(2nC)) ||r||^2 + lam * sum(||v_i|| + ||w_i||); lam = beta / (nC) makes it our objective / (nC).
-    model, _ = optimize_model(model, AL(model, tol=tol), Metrics(), X, Y, regularizer=NeuronGL1(float(data["beta"]) / (n * C)),
+    model, _ = scnn.optimize.optimize_model(model, AL(model, tol=tol), Metrics(), X, Y, regularizer=NeuronGL1(float(data["beta"]) / (n * C)),
                               return_convex=True, unitize_data=False, verbose=False)
     wall = time.perf_counter() - start
     v, w = model.parameters  # (C, P', d) each, in pyscnn's pattern order (gates model.G)
@@ -334,10 +313,10 @@ def _parse_problem(spec: str) -> tuple[int, int, int, list[float]]:
     """n:d:C, optionally :tol1/tol2 (pyscnn tolerances for this problem; default --pyscnn_tol)."""
     parts = spec.split(":")
     try:
-        n, d, c = (int(part) for part in parts[:3])
-        tols = [float(t) for t in parts[3].split("/")] if len(parts) == 4 else [float(t) for t in _PYSCNN_TOL.value]
         if len(parts) not in (3, 4):
             raise ValueError
+        n, d, c = (int(part) for part in parts[:3])
+        tols = [float(t) for t in (parts[3].split("/") if len(parts) == 4 else _PYSCNN_TOL.value)]
     except ValueError:
         raise app.UsageError(f"--pyscnn_problems entries are n:d:C or n:d:C:tol1/tol2, got {spec!r}") from None
     return n, d, c, tols
@@ -448,7 +427,7 @@ def _run_pyscnn(tmp, problems):
         np.savez(data_path, X=X, y=y, Y=Y, D=D, G=G, Xval=Xval, yval=yval, beta=_BETA.value, P=_PATTERNS.value, C=C)
 
         def evaluate(v, w):
-            return {"network": network_objective(problem, v, w), "convex": cronos.objective(problem, v, w),
+            return {"network": cronos.network_objective(problem, v, w), "convex": cronos.objective(problem, v, w),
                     "violation": cronos.constraint_violation(problem, v, w)}
 
         pyscnn = {}
@@ -497,6 +476,7 @@ def _time_to_target(data_path, result_path, problem, history, target, trace) -> 
     iterate. The trace records the (float32) network objective of each iterate; the target is checked
     against the network objective, so a run that misses it is repeated with max(5, 10%) more iterations.
     """
+    import cronos
     threshold = target * (1.0 + TARGET_SLACK)
     hits = np.flatnonzero(history <= threshold)
     if hits.size:
@@ -511,7 +491,7 @@ def _time_to_target(data_path, result_path, problem, history, target, trace) -> 
         out = np.load(result_path)
         result = {"k_star": k_star, "iterations": int(out["iterations"]), "wall": float(out["wall"]),
                   "compile": float(out["compile"]), "run": float(out["run"]), "attempts": attempt,
-                  "network": network_objective(problem, out["v"], out["w"])}
+                  "network": cronos.network_objective(problem, out["v"], out["w"])}
         if result["network"] <= threshold:
             return {"status": "reached", **result}
         if iterations >= trace["iterations"]:

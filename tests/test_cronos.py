@@ -154,6 +154,7 @@ def test_fixed_mode_history_flops_and_single_compilation():
     scores = np.maximum(np.einsum("nd,cdp->ncp", X, v), 0).sum(-1) - np.maximum(np.einsum("nd,cdp->ncp", X, w), 0).sum(-1)
     network = 0.5 * np.sum((scores - Y) ** 2) + 1e-3 * (np.linalg.norm(v, axis=1).sum() + np.linalg.norm(w, axis=1).sum())
     np.testing.assert_allclose(h["network_objective"][-1], network, rtol=1e-4)
+    assert cronos.network_objective(problem, v, w) == pytest.approx(network, rel=1e-12)
     assert not np.isclose(network, cronos.objective(problem, v, w), rtol=1e-3)  # 7 iterations: constraints still violated
     np.testing.assert_allclose(h["val_accuracy"][-1], accuracy_score(y[:20], np.asarray(result.predict(X[:20]))))
     # FLOPs come from XLA's cost analysis; a PCG iteration holds at least its two n x d x (C P) GEMMs.
