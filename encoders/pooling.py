@@ -16,6 +16,15 @@ def mean_pool(hidden):
     return jnp.mean(hidden.astype(jnp.float32), axis=1)
 
 
+WHISPER_SAMPLES_PER_FRAME = 320  # 16 kHz, hop 160, conv stride 2
+
+
+def whisper_frame_mask(num_samples, num_frames: int = 1500):
+    """(B, T) True for the Whisper encoder frames that cover real audio of `num_samples` (B,) 16 kHz samples."""
+    starts = jnp.arange(num_frames) * WHISPER_SAMPLES_PER_FRAME
+    return starts[None, :] < jnp.asarray(num_samples)[:, None]
+
+
 def masked_mean_pool(hidden, frame_mask):
     """Mean over real frames only: `frame_mask` (B, T) is True for real frames -> (B, D).
 

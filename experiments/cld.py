@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import cld_data, embeddings
+from experiments import cld_data, embeddings, report
 
 
 def load_encoder(spec: str, seed: int = 0):
@@ -40,6 +40,27 @@ def load_encoder(spec: str, seed: int = 0):
     raise ValueError(f"--encoder={spec} has model_type {model_type!r}; expected a Whisper or wav2vec2 (MMS) checkpoint.")
 
 
+def load_detector(spec: str):
+    """(decoder, special tokens) of a pretrained multilingual Whisper `spec` for its own language detection,
+    or None (random or non-Whisper encoders, English-only checkpoints)."""
+    from asr.whisper_decoder import WhisperDecoder
+    from asr.whisper_pipeline import WhisperTokens
+    from encoders import loading
+
+    if spec.startswith("random:"):
+        return None
+    model_dir = loading.resolve_model_dir(spec)
+    generation_path = os.path.join(model_dir, "generation_config.json")
+    if loading.load_config(model_dir).get("model_type") != "whisper" or not os.path.exists(generation_path):
+        return None
+    with open(generation_path) as f:
+        generation = json.load(f)
+    if not generation.get("is_multilingual", "lang_to_id" in generation) or "lang_to_id" not in generation:
+        return None
+    decoder = WhisperDecoder.from_pretrained(model_dir)
+    return decoder, WhisperTokens(generation, None, decoder.config.vocab_size)  # ids only: no text is decoded
+
+
 def validate_languages(languages) -> list[str]:
     """Sorted, distinct ISO-639-1 codes; the label of a language is its index in this list."""
     codes = [code.strip() for code in languages]
@@ -51,18 +72,35 @@ def validate_languages(languages) -> list[str]:
     return sorted(codes)
 
 
-def evaluate(head, X: np.ndarray, langs: list[str], accents: list[str]) -> dict:
-    """Detection accuracy overall, per language and per accent, and the confusion matrix (rows: truth)."""
-    predicted = head.predict_languages(X)
-    languages = list(head.languages)
+def score_predictions(predicted: list[str], langs: list[str], accents: list[str], labels: list[str]) -> dict:
+    """Accuracy overall, per language and per accent, the confusion matrix over `labels` (rows: truth) and
+    the counts of predictions outside `labels` (an unrestricted detector can answer any language)."""
     correct = np.array([p == t for p, t in zip(predicted, langs)])
-    confusion = np.zeros((len(languages), len(languages)), int)
+    confusion = np.zeros((len(labels), len(labels)), int)
+    outside: dict[str, int] = {}
     for p, t in zip(predicted, langs):
-        confusion[languages.index(t), languages.index(p)] += 1
+        if p in labels:
+            confusion[labels.index(t), labels.index(p)] += 1
+        else:
+            outside[p] = outside.get(p, 0) + 1
+
     def grouped(keys):
         return {k: float(correct[[i for i, x in enumerate(keys) if x == k]].mean()) for k in sorted(set(keys))}
     return {"accuracy": float(correct.mean()), "n": len(langs), "per_language": grouped(langs),
-            "per_accent": grouped(accents), "confusion_matrix": confusion.tolist(), "labels": languages}
+            "per_accent": grouped(accents), "confusion_matrix": confusion.tolist(), "labels": list(labels),
+            "predicted_outside_labels": dict(sorted(outside.items(), key=lambda kv: -kv[1]))}
+
+
+def evaluate(head, X: np.ndarray, langs: list[str], accents: list[str]) -> dict:
+    """`score_predictions` of a head's predictions on embeddings X."""
+    return score_predictions(head.predict_languages(X), langs, accents, list(head.languages))
+
+
+def whisper_detection(lang_logprobs: np.ndarray, codes: list[str], restrict_to: list[str] | None) -> list[str]:
+    """Whisper's own language choice per clip from its language-token log-probabilities over `codes`,
+    over every language it knows (`restrict_to=None`) or only over `restrict_to`."""
+    allowed = np.array([restrict_to is None or c in restrict_to for c in codes])
+    return [codes[i] for i in np.where(allowed, lang_logprobs, -np.inf).argmax(1)]
 
 
 def model_card(metrics: dict) -> str:
@@ -87,6 +125,15 @@ def model_card(metrics: dict) -> str:
             f"{metrics['accent_shift']['accuracy']:.4f} "
             f"({', '.join(f'{k} {v:.3f}' for k, v in metrics['accent_shift']['per_accent'].items())}).", ""]
           if "accent_shift" in metrics else []),
+        *(["Language detection on the same clips: this head against Whisper's own (its language token after "
+           "`<|startoftranscript|>`, over all its languages or restricted to the head's):", "",
+           "| Detector | Test accuracy | Held-out accents |", "|---|---|---|",
+           f"| {cfg['head']} head | {test['accuracy']:.4f} | "
+           f"{metrics['accent_shift']['accuracy'] if 'accent_shift' in metrics else float('nan'):.4f} |",
+           *[f"| Whisper, {mode} | {metrics['whisper_detection']['test'][mode]['accuracy']:.4f} | "
+             f"{metrics['whisper_detection'].get('accent_shift', {}).get(mode, {}).get('accuracy', float('nan')):.4f} |"
+             for mode in ("unrestricted", "restricted")], ""]
+          if "whisper_detection" in metrics else []),
         "| Language | Test accuracy |",
         "|---|---|",
         *[f"| {lang} | {acc:.4f} |" for lang, acc in test["per_language"].items()],
@@ -113,6 +160,24 @@ def model_card(metrics: dict) -> str:
         lines += ["", "**Smoke configuration**: the encoder has random weights (pretrained weights cannot be fetched "
                       "here), so these numbers only show that the pipeline works end to end."]
     return "\n".join(lines) + "\n"
+
+
+def summary(metrics: dict) -> str:
+    """One line: the head's detection accuracy (and Whisper's own, when measured) on test and held-out accents."""
+    def accuracy(name):
+        m = metrics[name]
+        return f"{m['accuracy']:.3f} on {m['n']} clips"
+
+    parts = [f"{metrics['config']['head']} head: test {accuracy('test')} "
+             f"({', '.join(f'{k} {v:.2f}' for k, v in metrics['test']['per_language'].items())})"]
+    if "accent_shift" in metrics:
+        parts.append(f"held-out accents {accuracy('accent_shift')}")
+    for name, modes in metrics.get("whisper_detection", {}).items():
+        parts.append(f"Whisper's own detection on {name.replace('_', ' ')}: {modes['unrestricted']['accuracy']:.3f} "
+                     f"unrestricted, {modes['restricted']['accuracy']:.3f} restricted to the head's languages")
+    parts.append(f"head trained in {metrics['train_compile_seconds']:.2f} s compile + "
+                 f"{metrics['train_run_seconds']:.2f} s run")
+    return "; ".join(parts)
 
 
 def make_mesh(data: int, model: int):
@@ -143,7 +208,7 @@ def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str, c
     """
     from heads import ConvexReLUHead, LinearHead, NNHead
 
-    common = dict(languages=cfg["languages"], encoder=encoder_id, pooling=pooling)
+    common = dict(languages=cfg["languages"], encoder=encoder_id, pooling=pooling, input_norm=cfg.get("input_norm", "none"))
     if cfg["head"] == "cvx":
         return ConvexReLUHead.fit(
             X, y, n_patterns=cfg["neuron"], beta=cfg["beta"], rho=cfg["rho"], rank=cfg["rank"],
@@ -154,8 +219,32 @@ def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str, c
     return LinearHead.fit(X, y, **common)
 
 
+def embed_dataset(cfg: dict, examples: list, cache_dir: str, mesh) -> tuple[dict, str, str, list[str] | None]:
+    """Pooled embeddings of `examples` (the whole dataset, so one cache serves every split and seed) ->
+    ({"X": (n, d), "lang_logprobs"?: (n, L)}, pooling, encoder id, Whisper's language codes or None).
+    A pretrained multilingual Whisper runs once per clip for both poolings and its own language detection;
+    other encoders pool as `extract` does."""
+    encoder, default_pooling, encoder_id = load_encoder(cfg["encoder"])
+    pooling = cfg.get("pooling") or default_pooling
+    detector = load_detector(cfg["encoder"])
+    if detector is None:
+        X, _ = embeddings.extract(encoder, examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
+                                  pooling=pooling, mesh=mesh)
+        return {"X": np.asarray(X, np.float32)}, pooling, encoder_id, None
+    decoder, tokens = detector
+    codes = sorted(tokens.lang_to_id)
+    features = embeddings.extract_whisper(
+        encoder, decoder, examples, sot=tokens.sot, language_ids=[tokens.lang_to_id[c] for c in codes],
+        cache_dir=cache_dir, batch_size=cfg["batch_size"], mesh=mesh)
+    return {"X": features[pooling], "lang_logprobs": features["lang_logprobs"]}, pooling, encoder_id, codes
+
+
 def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
-    """One training run: data → embeddings → head → output_dir (head/, metrics.json, README.md)."""
+    """One training run: data → embeddings → head → output_dir (head/, metrics.json, README.md).
+
+    With a pretrained multilingual Whisper, metrics also hold Whisper's own language detection on the same
+    clips (`whisper_detection`: unrestricted, and restricted to the head's languages) for every split.
+    """
     languages = cfg["languages"]
     dataset = load_dataset(cfg["dataset"], languages)
     train, valid, test = cld_data.split(dataset, data_seed=cfg["data_seed"])
@@ -164,34 +253,32 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         if not parts[name].examples:
             raise ValueError(f"the {name} split of {cfg['dataset']} is empty; the data needs clips in train, valid and test.")
     mesh = make_mesh(cfg["mesh_data"], cfg["mesh_model"])
-    encoder, pooling, encoder_id = load_encoder(cfg["encoder"])
-    embedded = {}
-    for name, part in parts.items():
-        if not part.examples:
-            continue
-        X, _ = embeddings.extract(encoder, part.examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
-                                  pooling=pooling, mesh=mesh)
-        embedded[name] = (np.asarray(X, np.float32), np.array([languages.index(e.lang) for e in part.examples], np.int32),
-                          [e.lang for e in part.examples], [e.accent for e in part.examples])
-    Xtr, ytr, _, _ = embedded["train"]
+    features, pooling, encoder_id, codes = embed_dataset(cfg, dataset.examples, cache_dir, mesh)
+    row_of = {e.id: i for i, e in enumerate(dataset.examples)}
+    embedded = {name: {k: v[[row_of[e.id] for e in part.examples]] for k, v in features.items()}
+                for name, part in parts.items() if part.examples}
+    truth = {name: ([e.lang for e in parts[name].examples], [e.accent for e in parts[name].examples]) for name in embedded}
+    Xtr = embedded["train"]["X"]
+    ytr = np.array([languages.index(lang) for lang in truth["train"][0]], np.int32)
     if cfg["samples_per_class"]:  # select rows of the full train split, so its cached embeddings serve every sweep point
         kept = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"], data_seed=cfg["data_seed"])
         row = {e.id: i for i, e in enumerate(train.examples)}
         rows = np.array([row[e.id] for e in kept.examples])
         Xtr, ytr = Xtr[rows], ytr[rows]
-    Xva, yva, lva, ava = embedded["valid"]
+    Xva = embedded["valid"]["X"]
+    yva = np.array([languages.index(lang) for lang in truth["valid"][0]], np.int32)
 
     start = time.perf_counter()
     head = fit_head(cfg, Xtr, ytr, Xva, yva, mesh, encoder_id, pooling,
                     checkpoint_dir=os.path.abspath(os.path.join(output_dir, "nn_checkpoints")))
     wall = time.perf_counter() - start
     info = head.train_info
-    valid_metrics = evaluate(head, Xva, lva, ava)
+    valid_metrics = evaluate(head, Xva, *truth["valid"])
     metrics = {
-        "config": cfg, "encoder": encoder_id, "pooling": pooling, "embedding_dim": int(Xtr.shape[1]),
-        "n_train": len(ytr), "n_valid": len(yva), "n_test": len(embedded["test"][1]),
+        "config": cfg, "encoder": encoder_id, "pooling": pooling, "input_norm": cfg.get("input_norm", "none"),
+        "embedding_dim": int(Xtr.shape[1]), "n_train": len(ytr), "n_valid": len(yva), "n_test": len(truth["test"][0]),
         "skipped_corrupt": len(dataset.stats.skipped_corrupt),
-        "test": evaluate(head, *[embedded["test"][i] for i in (0, 2, 3)]), "valid": valid_metrics,
+        "test": evaluate(head, embedded["test"]["X"], *truth["test"]), "valid": valid_metrics,
         # the convex head records every ADMM iteration's validation accuracy; other heads report the final one
         "validation_peak": float(max(info.get("val_accuracy_history") or [valid_metrics["accuracy"]])),
         "train_wall_seconds": wall, "train_compile_seconds": float(info.get("compile_seconds", 0.0)),
@@ -199,12 +286,16 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         "devices": jax.device_count(), "backend": jax.default_backend(),
     }
     if "accent_shift" in embedded:
-        metrics["accent_shift"] = evaluate(head, *[embedded["accent_shift"][i] for i in (0, 2, 3)])
+        metrics["accent_shift"] = evaluate(head, embedded["accent_shift"]["X"], *truth["accent_shift"])
+    if codes is not None:
+        metrics["whisper_detection"] = {
+            name: {mode: score_predictions(whisper_detection(embedded[name]["lang_logprobs"], codes, restrict),
+                                           *truth[name], languages)
+                   for mode, restrict in (("unrestricted", None), ("restricted", languages))}
+            for name in ("test", "accent_shift") if name in embedded}
     os.makedirs(output_dir, exist_ok=True)
     head.save(os.path.join(output_dir, "head"), metrics={k: metrics[k] for k in ("test", "validation_peak")})
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    with open(os.path.join(output_dir, "README.md"), "w") as f:
-        f.write(model_card(metrics))
+    report.atomic_write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
+    report.atomic_write_text(os.path.join(output_dir, "README.md"), model_card(metrics))
     logging.info("test accuracy %.4f (%d clips) -> %s", metrics["test"]["accuracy"], metrics["n_test"], output_dir)
     return metrics

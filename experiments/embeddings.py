@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from encoders.audio import N_SAMPLES, log_mel_spectrogram, normalize
-from encoders.pooling import masked_mean_pool, mean_pool
+from encoders.pooling import masked_mean_pool, mean_pool, whisper_frame_mask
 from encoders.sharding import shard_model
 from encoders.whisper import WhisperEncoder
 from experiments.cld_data import Example, audio_pipeline
@@ -43,8 +43,7 @@ def _forward(encoder, inputs, sample_mask, pooling: str):
     """Encoder hidden states pooled to (B, d) float32."""
     if isinstance(encoder, WhisperEncoder):
         hidden = encoder(inputs)
-        samples_per_frame = N_SAMPLES // hidden.shape[1]
-        frame_mask = jnp.arange(hidden.shape[1]) * samples_per_frame < sample_mask.sum(-1, keepdims=True)
+        frame_mask = whisper_frame_mask(sample_mask.sum(-1), hidden.shape[1])
     else:
         hidden = encoder(inputs, attention_mask=sample_mask)
         frame_mask = encoder.frame_mask(sample_mask, hidden.shape[1])
@@ -52,6 +51,18 @@ def _forward(encoder, inputs, sample_mask, pooling: str):
 
 
 _jit_forward = nnx.jit(_forward, static_argnames="pooling")
+
+
+@nnx.jit
+def _whisper_features(encoder, decoder, mel, sample_mask, sot, language_ids):
+    """(B, 2d + L): mean over all 1500 frames, mean over the frames covering the audio, and Whisper's own
+    language log-probabilities (first step after `<|startoftranscript|>`, over the whole vocabulary) of the
+    L tokens `language_ids`."""
+    hidden = encoder(mel)
+    logits = decoder(jnp.full((mel.shape[0], 1), sot, jnp.int32), hidden)[:, 0]
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, language_ids]
+    frame_mask = whisper_frame_mask(sample_mask.sum(-1), hidden.shape[1])
+    return jnp.concatenate([mean_pool(hidden), masked_mean_pool(hidden, frame_mask), logprobs], axis=-1)
 
 
 def _encoder_inputs(encoder, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray:
@@ -143,6 +154,37 @@ def cached_rows(cache_dir: str, spec: dict, items: Sequence, shard_size: int,
             on_shard(min(start + shard_size, len(items)))
     bar.close()
     return np.concatenate([np.load(os.path.join(directory, done[s // shard_size])) for s in starts])
+
+
+def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, language_ids: Sequence[int],
+                    cache_dir: str, batch_size: int = 8, mesh: jax.sharding.Mesh | None = None,
+                    shard_batches: int = 16, progress: bool = True) -> dict[str, np.ndarray]:
+    """One pass of a pretrained Whisper over `examples` -> {"mean": (n, d), "masked_mean": (n, d),
+    "lang_logprobs": (n, L)}: both poolings and Whisper's own language log-probabilities of
+    `language_ids`, cached and resumable as in `extract` (the key adds the decoder and the token ids)."""
+    if not examples:
+        raise ValueError("no examples to embed")
+    spec = cache_spec(encoder, examples, pooling="whisper_features", pad_to=N_SAMPLES, batch_size=batch_size,
+                      shard_batches=shard_batches)
+    spec.update(decoder=_fingerprint(decoder), sot=int(sot), language_ids=[int(i) for i in language_ids])
+    prepare_mesh(encoder, mesh, batch_size)
+    if mesh is not None:
+        shard_model(decoder, mesh)
+    ids = jnp.asarray(np.asarray(language_ids, np.int32))
+
+    def compute(shard_examples, update):
+        rows = []
+        for batch, inputs in encoder_batches(encoder, shard_examples, batch_size, N_SAMPLES, mesh):
+            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+                features = _whisper_features(encoder, decoder, *inputs, jnp.int32(sot), ids)
+            rows.append(np.asarray(features, np.float32)[batch["valid"]])
+            update(int(batch["valid"].sum()))
+        return np.concatenate(rows)
+
+    rows = cached_rows(cache_dir, spec, examples, batch_size * shard_batches, compute, desc="whisper features",
+                       progress=progress)
+    d = encoder.config.d_model
+    return {"mean": rows[:, :d], "masked_mean": rows[:, d:2 * d], "lang_logprobs": rows[:, 2 * d:]}
 
 
 def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size: int = 8,

@@ -35,6 +35,12 @@ _DATASET = flags.DEFINE_string(
 _OUTPUT = flags.DEFINE_string("output_dir", "outputs/cld", "Where the head, metrics.json and README.md go.")
 _CACHE = flags.DEFINE_string("cache_dir", "outputs/embedding_cache", "Embedding cache (resumable extraction).")
 _HEAD = flags.DEFINE_enum("head", "cvx", ["cvx", "nn", "linear"], "Head type.")
+_POOLING = flags.DEFINE_enum(
+    "pooling", None, ["mean", "masked_mean"],
+    "Utterance pooling: mean over all encoder frames (Whisper: all 1500, padding included, as the published "
+    "heads) or masked_mean over the frames covering the audio. Unset: the encoder's default.")
+_INPUT_NORM = flags.DEFINE_enum("input_norm", "none", ["none", "center", "standardize"],
+                                "Per-feature centring / standardisation stored in the head (training statistics).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Encoder batch size.")
 _EPOCHS = flags.DEFINE_integer("nn_epochs", 50, "Epochs of the NN head.")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the `data` mesh axis (-1: all, 0: no mesh).")
@@ -45,7 +51,8 @@ _MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices on the `model` mesh
 def config_from_flags() -> dict:
     """The run's configuration as a plain dict (what sweeps vary and metrics.json records)."""
     return {
-        "head": _HEAD.value, "encoder": _ENCODER.value, "dataset": _DATASET.value,
+        "head": _HEAD.value, "encoder": _ENCODER.value, "dataset": _DATASET.value, "pooling": _POOLING.value,
+        "input_norm": _INPUT_NORM.value,
         "languages": cld.validate_languages(_LANGUAGES.value), "samples_per_class": _SAMPLES.value,
         "neuron": _NEURON.value, "rank": _RANK.value, "beta": _BETA.value, "rho": _RHO.value,
         "gamma_ratio": _GAMMA.value, "admm_iters": _ADMM_ITERS.value, "pcg_iters": _PCG_ITERS.value, "tol": _TOL.value,
@@ -58,13 +65,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     metrics = cld.run(config_from_flags(), _OUTPUT.value, _CACHE.value)
-    test = metrics["test"]
-    print(f"test detection accuracy {test['accuracy']:.4f} on {test['n']} clips "
-          f"({', '.join(f'{k} {v:.3f}' for k, v in test['per_language'].items())}); "
-          + (f"held-out accents {metrics['accent_shift']['accuracy']:.4f}; " if "accent_shift" in metrics else "") +
-          f"head trained in {metrics['train_compile_seconds']:.2f} s compile + {metrics['train_run_seconds']:.2f} s run; "
-          f"wrote {_OUTPUT.value}")
-
+    print(cld.summary(metrics) + f"; wrote {_OUTPUT.value}")
 
 if __name__ == "__main__":
     app.run(main)

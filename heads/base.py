@@ -14,7 +14,8 @@ import numpy as np
 
 from heads import io
 
-__all__ = ["Head", "ISO_639_1", "PUBLISHED_LANGUAGES", "check_embeddings", "check_languages", "encode_labels", "load_head"]
+__all__ = ["Head", "INPUT_NORMS", "ISO_639_1", "PUBLISHED_LANGUAGES", "check_embeddings", "check_languages",
+           "encode_labels", "input_statistics", "load_head", "normalize_inputs"]
 
 ISO_639_1 = frozenset(
     "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv cy da de dv dz "
@@ -86,6 +87,35 @@ def encode_labels(labels, languages: Sequence[str], num_samples: int) -> np.ndar
     return y
 
 
+INPUT_NORMS = ("none", "center", "standardize")
+
+
+def input_statistics(x: np.ndarray, input_norm: str) -> dict[str, np.ndarray]:
+    """Per-feature statistics of training embeddings that a head stores and applies to every input.
+
+    "none": {}; "center": `input_mean`; "standardize": `input_mean` and `input_scale` (the standard
+    deviation, floored at 1e-6 of its largest value so constant features stay finite).
+    """
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}.")
+    if input_norm == "none":
+        return {}
+    stats = {"input_mean": x.mean(0).astype(np.float32)}
+    if input_norm == "standardize":
+        std = x.std(0)
+        stats["input_scale"] = np.maximum(std, 1e-6 * max(float(std.max()), 1e-30)).astype(np.float32)
+    return stats
+
+
+def normalize_inputs(params: dict, x: np.ndarray) -> np.ndarray:
+    """Applies the stored `input_mean` / `input_scale` of a head (when present) to embeddings `x`."""
+    if "input_mean" in params:
+        x = x - params["input_mean"]
+    if "input_scale" in params:
+        x = x / params["input_scale"]
+    return x.astype(np.float32)
+
+
 class Head:
     """Base class: a pure forward function over explicit `params`, plus languages and metadata.
 
@@ -108,7 +138,8 @@ class Head:
             raise ValueError(f"metadata languages {self.metadata['languages']} are not in sorted label order.")
         self.embedding_dim = int(self.metadata["embedding_dim"])
         self.train_info = dict(train_info or {})
-        self._device_params = {name: jnp.asarray(value) for name, value in self.params.items()}
+        self._device_params = {name: jnp.asarray(value) for name, value in self.params.items()
+                               if name not in ("input_mean", "input_scale")}  # applied on the host by `logits`
 
     @classmethod
     def make_metadata(cls, languages, embedding_dim: int, *, hyperparameters: dict, seeds: dict,
@@ -120,7 +151,7 @@ class Head:
 
     def logits(self, embeddings) -> np.ndarray:
         """(B, C) class scores for pooled (B, d) embeddings."""
-        x = check_embeddings(embeddings, self.embedding_dim)
+        x = normalize_inputs(self.params, check_embeddings(embeddings, self.embedding_dim))
         return np.asarray(type(self).forward(self._device_params, jnp.asarray(x)))
 
     def predict(self, embeddings) -> np.ndarray:

