@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -140,6 +141,22 @@ class Head:
         self.train_info = dict(train_info or {})
         self._device_params = {name: jnp.asarray(value) for name, value in self.params.items()
                                if name not in ("input_mean", "input_scale")}  # applied on the host by `logits`
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """Refuses weights whose shapes do not fit `embedding_dim` inputs and one output per language."""
+        for name in ("input_mean", "input_scale"):
+            if name in self.params and self.params[name].shape != (self.embedding_dim,):
+                raise ValueError(f"{name} has shape {self.params[name].shape}; expected ({self.embedding_dim},).")
+        probe = jax.ShapeDtypeStruct((1, self.embedding_dim), jnp.float32)
+        try:
+            out = jax.eval_shape(type(self).forward, self._device_params, probe)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.head_type} weights {({k: v.shape for k, v in self.params.items()})} do not take "
+                             f"{self.embedding_dim}-d embeddings: {e}") from e
+        if out.shape != (1, len(self.languages)):
+            raise ValueError(f"{self.head_type} weights give {out.shape[-1]} outputs but the head has "
+                             f"{len(self.languages)} languages {list(self.languages)}.")
 
     @classmethod
     def make_metadata(cls, languages, embedding_dim: int, *, hyperparameters: dict, seeds: dict,

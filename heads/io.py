@@ -6,16 +6,18 @@ Nothing executable is stored and nothing is unpickled: weights are a flat name -
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save
 
-__all__ = ["FORMAT_VERSION", "METADATA_FILE", "WEIGHTS_FILE", "flatten", "read_head", "unflatten", "write_head"]
+__all__ = ["FORMAT_VERSION", "METADATA_FILE", "WEIGHTS_FILE", "flatten", "read_head", "safe_open_metadata", "unflatten", "write_head"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds weights_sha256 (head.json pins the weights file); 1 still loads
 WEIGHTS_FILE = "head.safetensors"
 METADATA_FILE = "head.json"
 
@@ -52,22 +54,51 @@ def _json_default(value):
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
+def _atomic_write(path: str, data: bytes) -> None:
+    with tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
 def write_head(directory: str, tensors: dict[str, np.ndarray], metadata: dict) -> None:
-    """Writes `tensors` to directory/head.safetensors and `metadata` to directory/head.json."""
+    """Writes `tensors` to directory/head.safetensors and `metadata` to directory/head.json, each atomically;
+    head.json records the weights' SHA-256, so a pair left mismatched by a kill between the two is refused."""
     os.makedirs(directory, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(directory, WEIGHTS_FILE))
-    with open(os.path.join(directory, METADATA_FILE), "w") as f:
-        json.dump({**metadata, "format_version": FORMAT_VERSION}, f, indent=2, sort_keys=True, default=_json_default)
+    weights = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                   metadata={"languages": ",".join(metadata["languages"])})
+    record = {**metadata, "format_version": FORMAT_VERSION, "weights_sha256": hashlib.sha256(weights).hexdigest()}
+    _atomic_write(os.path.join(directory, WEIGHTS_FILE), weights)
+    _atomic_write(os.path.join(directory, METADATA_FILE),
+                  json.dumps(record, indent=2, sort_keys=True, default=_json_default).encode())
 
 
 def read_head(directory: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Reads (tensors, metadata) written by `write_head`; clear errors for missing files or versions."""
+    """Reads (tensors, metadata) written by `write_head`; clear errors for missing files, versions or weights that
+    are not the ones head.json was written with."""
     paths = [os.path.join(directory, name) for name in (WEIGHTS_FILE, METADATA_FILE)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"not a saved head directory: missing {', '.join(missing)}.")
     with open(paths[1]) as f:
         metadata = json.load(f)
-    if metadata.get("format_version") != FORMAT_VERSION:
+    if metadata.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{paths[1]} has format_version {metadata.get('format_version')!r}; expected {FORMAT_VERSION}.")
-    return load_file(paths[0]), metadata
+    with open(paths[0], "rb") as f:
+        weights = f.read()
+    pinned = metadata.get("weights_sha256")
+    if metadata["format_version"] >= 2 and hashlib.sha256(weights).hexdigest() != pinned:
+        raise ValueError(f"{paths[0]} is not the weights file {paths[1]} was written with (SHA-256 mismatch): the "
+                         "directory was modified or a save was interrupted; save the head again.")
+    stored = safe_open_metadata(weights).get("languages")
+    if stored is not None and stored.split(",") != list(metadata.get("languages", [])):
+        raise ValueError(f"{paths[1]} names languages {metadata.get('languages')} but the weights in {paths[0]} were "
+                         f"trained for {stored.split(',')}: the label order would be wrong; restore head.json.")
+    return load(weights), metadata
+
+
+def safe_open_metadata(data: bytes) -> dict:
+    """The string metadata of a safetensors file's header (its `__metadata__`)."""
+    (length,) = np.frombuffer(data[:8], "<u8")
+    return json.loads(data[8 : 8 + int(length)]).get("__metadata__", {}) or {}

@@ -242,3 +242,46 @@ def test_legacy_array_record_must_use_numpy_reconstruct(tmp_path):
     path.write_bytes(pickle.dumps(_Shell(_reconstruct_array, (np.dtype, ("f4",), None, {}))))
     with pytest.raises(pickle.UnpicklingError, match="expected numpy's _reconstruct"):
         load_legacy_pickle(str(path))
+
+
+@pytest.mark.parametrize("input_norm", ["center", "standardize"])
+def test_input_norm_equals_sklearn_scaler_then_plain_head(input_norm, tmp_path):
+    """A head with stored input statistics equals the same head fitted on scikit-learn-scaled data."""
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((120, 6)) * np.array([30.0, 0.1, 5, 1, 2, 0.5]) + 40.0  # large offset, anisotropic
+    y = ((X[:, 1] - 40) * 10 + (X[:, 3] - 40) > 0).astype(int)
+    Xtest = rng.standard_normal((30, 6)) * 3 + 40.0
+    scaler = StandardScaler(with_std=input_norm == "standardize").fit(X)
+    stored = LinearHead.fit(X, y, ["en", "zh"], input_norm=input_norm)
+    stored.save(str(tmp_path / "h"))
+    reloaded = load_head(str(tmp_path / "h"))
+    plain = LinearHead.fit(scaler.transform(X), y, ["en", "zh"])
+    np.testing.assert_allclose(reloaded.logits(Xtest), plain.logits(scaler.transform(Xtest)), rtol=1e-4, atol=1e-4)
+    assert reloaded.metadata["input_norm"] == input_norm
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        LinearHead.fit(X, y, ["en", "zh"], input_norm="whiten")
+
+
+def test_saved_head_refuses_mismatched_files(fitted, tmp_path):
+    """head.json edited to other languages, a weights file from another save, or shapes that do not fit."""
+    head = fitted[2]["linear"]
+    path = str(tmp_path / "h")
+    head.save(path)
+    meta_path = os.path.join(path, "head.json")
+    original = json.load(open(meta_path))
+    edited = {**original, "languages": sorted(["hi", "id", "ms", "ja", "ko"][: len(original["languages"])])}
+    json.dump(edited, open(meta_path, "w"))
+    with pytest.raises(ValueError, match="label order would be wrong"):
+        load_head(path)
+    json.dump(original, open(meta_path, "w"))
+    other = LinearHead(head.params | {"intercept": head.params["intercept"] + 1.0}, head.metadata)
+    other.save(str(tmp_path / "other"))
+    os.replace(os.path.join(tmp_path, "other", "head.safetensors"), os.path.join(path, "head.safetensors"))
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        load_head(path)
+    with pytest.raises(ValueError, match="outputs but the head has"):
+        LinearHead(head.params, {**head.metadata, "languages": ["en", "hi", "ms", "zh"]})
+    with pytest.raises(ValueError, match="do not take"):
+        LinearHead(head.params, {**head.metadata, "embedding_dim": head.embedding_dim + 1})
