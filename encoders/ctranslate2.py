@@ -80,6 +80,8 @@ def read_model_bin(data: bytes | memoryview, source: str = "model.bin") -> tuple
         if target not in variables:
             raise CorruptModelError(f"{source}: alias {alias!r} points to unknown variable {target!r}")
         variables[alias] = variables[target]
+        if target + "_scale" in variables:  # an aliased int8 weight shares its target's scale
+            variables[alias + "_scale"] = variables[target + "_scale"]
     if reader.pos != len(reader.data):
         raise CorruptModelError(f"{source}: {len(reader.data) - reader.pos} unexpected bytes after the aliases")
     return spec, revision, variables

@@ -28,6 +28,7 @@ import numpy as np
 from encoders import ctranslate2
 
 WEIGHTS_REQUIREMENTS = "encoders/weights.txt"
+EXPORT_VERSION = 1  # part of the cache key: bump when export_hf writes something different
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +203,7 @@ def is_ctranslate2_dir(path: str) -> bool:
 
 def _materialize(data: bytes, files_dir: str, source: dict) -> str:
     """The cached Hugging Face directory for verified CTranslate2 bytes (converted on first use)."""
-    out = os.path.join(cache_root(), "hf", source["sha256"][:24])
+    out = os.path.join(cache_root(), "hf", f"v{EXPORT_VERSION}-{source.get('cache_key', source['sha256'])[:24]}")
     if not os.path.isdir(out):  # export_hf renames a finished directory into place
         export_hf(data, files_dir, out, source)
     return out
@@ -226,7 +227,13 @@ def resolve_offline(name: str) -> str:
 def ctranslate2_dir_bytes(path: str) -> tuple[bytes, str, dict]:
     """(model.bin bytes, directory, source record with its SHA-256) of a local CTranslate2 Whisper directory."""
     data = read_verified([os.path.join(path, "model.bin")], None, None, path)
-    return data, path, {"path": os.path.abspath(path), "sha256": hashlib.sha256(data).hexdigest()}
+    key = hashlib.sha256(data)
+    for name in ("config.json", "tokenizer.json"):  # the converted directory depends on these too
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name), "rb") as f:
+                key.update(f.read())
+    return data, path, {"path": os.path.abspath(path), "sha256": hashlib.sha256(data).hexdigest(),
+                        "cache_key": key.hexdigest()}
 
 
 def model_bytes(name_or_path: str) -> tuple[bytes, str, dict]:
