@@ -3,9 +3,10 @@
     python -m experiments.build_tts_corpus --output=experiments/data/tts_corpus
 
 Every sentence of `experiments/data/tts_sentences/{lang}.txt` is spoken once in each accent of its
-language (an espeak-ng voice, or for one-voice languages a speed/pitch setting of it), with a speaker
-variant (+m1, +f2, ...) rotating over sentences. Clips are resampled to 16 kHz mono, leading and trailing
-silence trimmed to 0.1 s, kept at 1-4 s, and stored as Ogg/Opus next to `manifest.jsonl`.
+language (an espeak-ng voice, or for one-voice languages a speed/pitch setting of it or the Klatt synthesiser),
+with a speaker variant (+m1, +f2, ...) rotating over sentences. zh is Mandarin in all four accents (espeak-ng's
+`cmn-latn-pinyin` voice, see ZH_VOICE). Clips are resampled to 16 kHz mono, leading and trailing silence trimmed
+to 0.1 s, kept at 1-4 s, and stored as Ogg/Opus next to `manifest.jsonl`.
 
 Splits are by sentence (a sentence's clips never span two splits), fixed by `--seed`: 70 % train,
 15 % valid, 15 % test. One accent per language is held out for the accent-shift evaluation: its clips
@@ -29,12 +30,18 @@ from encoders.audio import SAMPLE_RATE, prepare_audio
 
 SENTENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_sentences")
 
-# lang -> accents: (accent name, espeak-ng voice, words per minute, pitch 0-99). The last accent is held out.
+# Mandarin voice. espeak-ng's plain `cmn` voice reads Latin text as English, and in espeak-ng 1.51 (Debian's) that
+# includes the pinyin its dictionary gives most characters, tone digits and all ("你好" is spoken as English
+# "ni three hao three"; whisper-base calls such clips English). `cmn-latn-pinyin` is the same voice (phonemes,
+# dictionary, pitch) reading that pinyin as Mandarin.
+ZH_VOICE = "cmn-latn-pinyin"
+# lang -> accents: (accent name, espeak-ng voice, words per minute, pitch 0-99). The last accent is held out:
+# another voice (en-gb-scotland) or, for one-voice languages, the same voice on espeak-ng's Klatt synthesiser.
 ACCENTS = {
     "en": [("en-us", "en-us", 165, 50), ("en-gb", "en-gb", 165, 50), ("en-029", "en-029", 165, 50),
            ("en-gb-scotland", "en-gb-scotland", 165, 50)],
-    "zh": [("cmn", "cmn", 165, 50), ("cmn-slow-low", "cmn", 140, 35), ("cmn-fast-high", "cmn", 200, 70),
-           ("yue", "yue", 165, 50)],
+    "zh": [("cmn", ZH_VOICE, 165, 50), ("cmn-slow-low", ZH_VOICE, 140, 35), ("cmn-fast-high", ZH_VOICE, 200, 70),
+           ("cmn-klatt", ZH_VOICE + "+klatt", 165, 50)],
 }
 for _lang in ("hi", "id", "ms"):
     ACCENTS[_lang] = [(_lang, _lang, 165, 50), (f"{_lang}-slow-low", _lang, 140, 35),
