@@ -220,7 +220,7 @@ def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str, c
 
 
 def embed_dataset(cfg: dict, examples: list, cache_dir: str, mesh) -> tuple[dict, str, str, list[str] | None]:
-    """Pooled embeddings of `examples` (the whole dataset, so one cache serves every split and seed) ->
+    """Pooled embeddings of `examples` (cached per clip, so every split, seed and subset reuses rows) ->
     ({"X": (n, d), "lang_logprobs"?: (n, L)}, pooling, encoder id, Whisper's language codes or None).
     A pretrained multilingual Whisper runs once per clip for both poolings and its own language detection;
     other encoders pool as `extract` does."""
@@ -252,19 +252,18 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     for name in ("train", "valid", "test"):
         if not parts[name].examples:
             raise ValueError(f"the {name} split of {cfg['dataset']} is empty; the data needs clips in train, valid and test.")
+    if cfg["samples_per_class"]:
+        parts["train"] = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"],
+                                                      data_seed=cfg["data_seed"], take_all=True)
     mesh = make_mesh(cfg["mesh_data"], cfg["mesh_model"])
-    features, pooling, encoder_id, codes = embed_dataset(cfg, dataset.examples, cache_dir, mesh)
-    row_of = {e.id: i for i, e in enumerate(dataset.examples)}
+    used = [e for part in parts.values() for e in part.examples]  # the cache is per clip: other runs reuse rows
+    features, pooling, encoder_id, codes = embed_dataset(cfg, used, cache_dir, mesh)
+    row_of = {e.id: i for i, e in enumerate(used)}
     embedded = {name: {k: v[[row_of[e.id] for e in part.examples]] for k, v in features.items()}
                 for name, part in parts.items() if part.examples}
     truth = {name: ([e.lang for e in parts[name].examples], [e.accent for e in parts[name].examples]) for name in embedded}
     Xtr = embedded["train"]["X"]
     ytr = np.array([languages.index(lang) for lang in truth["train"][0]], np.int32)
-    if cfg["samples_per_class"]:  # select rows of the full train split, so its cached embeddings serve every sweep point
-        kept = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"], data_seed=cfg["data_seed"])
-        row = {e.id: i for i, e in enumerate(train.examples)}
-        rows = np.array([row[e.id] for e in kept.examples])
-        Xtr, ytr = Xtr[rows], ytr[rows]
     Xva = embedded["valid"]["X"]
     yva = np.array([languages.index(lang) for lang in truth["valid"][0]], np.int32)
 

@@ -83,13 +83,25 @@ def _fingerprint(encoder) -> str:
     return digest.hexdigest()
 
 
-def cache_spec(encoder, examples: Sequence[Example], *, pooling: str, pad_to: int | None, batch_size: int,
-               shard_batches: int) -> dict:
-    """Everything the cached embeddings depend on; its hash names the cache directory."""
-    inputs = hashlib.sha256("\n".join(f"{e.id}\t{e.audio_path}\t{e.num_samples}" for e in examples).encode())
+def cache_spec(encoder, *, pooling: str, pad_to: int | None) -> dict:
+    """Everything the cached rows depend on besides the clips themselves; its hash names the cache directory.
+    (Rows do not depend on the batch they were computed in: padding rows are dropped.)"""
     return {"encoder": type(encoder).__name__, "config": dataclasses.asdict(encoder.config),
-            "weights": _fingerprint(encoder), "pooling": pooling, "pad_to": pad_to, "batch_size": batch_size,
-            "shard_batches": shard_batches, "n": len(examples), "inputs": inputs.hexdigest()}
+            "weights": _fingerprint(encoder), "pooling": pooling, "pad_to": pad_to}
+
+
+def example_keys(examples: Sequence[Example]) -> list[str]:
+    """One cache key per clip: its id and the SHA-256 of its audio (file bytes or in-memory data), so a clip
+    whose file changed is recomputed and a moved corpus is not."""
+    keys = []
+    for e in examples:
+        if e.audio_path is not None:
+            with open(e.audio_path, "rb") as f:
+                data = f.read()
+        else:
+            data = e.audio if isinstance(e.audio, bytes) else np.ascontiguousarray(e.audio).tobytes()
+        keys.append(f"{e.id}|{hashlib.sha256(data).hexdigest()}")
+    return keys
 
 
 def _atomic_write(path: str, write: Callable) -> None:
@@ -121,39 +133,54 @@ def prepare_mesh(encoder, mesh: jax.sharding.Mesh | None, batch_size: int) -> No
     shard_model(encoder, mesh)
 
 
-def cached_rows(cache_dir: str, spec: dict, items: Sequence, shard_size: int,
+def cached_rows(cache_dir: str, spec: dict, items: Sequence, keys: Sequence[str], shard_size: int,
                 compute: Callable[[Sequence, Callable[[int], None]], np.ndarray], *, desc: str,
-                progress: bool = True, on_shard: Callable[[int], None] | None = None) -> np.ndarray:
-    """Concatenated `compute(items[i:i + shard_size], update)` over shards, cached under cache_dir/hash(spec).
+                rows_per_item: Sequence[int] | None = None, progress: bool = True,
+                on_shard: Callable[[int], None] | None = None) -> np.ndarray:
+    """Rows of `items` (in order; `rows_per_item[i]` rows each, default 1), cached per item under cache_dir/hash(spec).
 
-    Each shard's rows and the `index.json` of finished shards are written atomically, so a killed run
-    resumes with the missing shards only. `compute` reports finished items through `update(count)`;
-    `on_shard(items_done)` is called after each shard is on disk.
+    Items whose key is in the cache are read back; the others are computed by `compute(shard, update)` in
+    shards of `shard_size`, each shard's rows and then the `index.json` (item key -> file, first row, row
+    count) written atomically, so a killed run resumes with the missing items only and any later run over
+    other items of the same spec (another split, seed or subset) reuses every row already computed.
+    `compute` reports finished items through `update(count)`; `on_shard(items_done)` follows each write.
     """
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-    directory = os.path.join(cache_dir, key)
+    if len(set(keys)) != len(keys) or len(keys) != len(items):
+        raise ValueError("cache keys must be unique, one per item")
+    counts = list(rows_per_item) if rows_per_item is not None else [1] * len(items)
+    directory = os.path.join(cache_dir, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20])
     os.makedirs(directory, exist_ok=True)
     index_path = os.path.join(directory, "index.json")
-    done = {}
+    index = {}
     if os.path.exists(index_path):
         with open(index_path) as f:
-            done = {int(k): v for k, v in json.load(f)["done"].items()}
-    starts = range(0, len(items), shard_size)
-    cached = sum(min(shard_size, len(items) - s) for s in starts if s // shard_size in done)
-    bar = tqdm(total=len(items), initial=cached, unit="clip", desc=f"{desc} {key}", disable=not progress)
-    for start in starts:
-        shard = start // shard_size
-        if shard in done:
-            continue
-        rows = compute(items[start:start + shard_size], bar.update)
-        name = f"shard_{shard:06d}.npy"
+            index = json.load(f)["items"]
+    missing = [i for i, k in enumerate(keys) if k not in index]
+    bar = tqdm(total=len(items), initial=len(items) - len(missing), unit="clip",
+               desc=f"{desc} {os.path.basename(directory)}", disable=not progress)
+    for start in range(0, len(missing), shard_size):
+        shard = missing[start:start + shard_size]
+        rows = compute([items[i] for i in shard], bar.update)
+        if rows.shape[0] != sum(counts[i] for i in shard):
+            raise RuntimeError(f"compute returned {rows.shape[0]} rows for {sum(counts[i] for i in shard)} expected")
+        name = f"shard_{hashlib.sha256(''.join(keys[i] for i in shard).encode()).hexdigest()[:16]}.npy"
         _atomic_write(os.path.join(directory, name), lambda f: np.save(f, rows))
-        done[shard] = name
-        _atomic_write(index_path, lambda f: f.write(json.dumps({"spec": spec, "done": done}, indent=1).encode()))
+        offset = 0
+        for i in shard:
+            index[keys[i]] = [name, offset, counts[i]]
+            offset += counts[i]
+        _atomic_write(index_path, lambda f: f.write(json.dumps({"spec": spec, "items": index}).encode()))
         if on_shard is not None:
-            on_shard(min(start + shard_size, len(items)))
+            on_shard(min(start + shard_size, len(missing)))
     bar.close()
-    return np.concatenate([np.load(os.path.join(directory, done[s // shard_size])) for s in starts])
+    files: dict[str, np.ndarray] = {}
+    out = []
+    for k in keys:
+        name, first, count = index[k]
+        if name not in files:
+            files[name] = np.load(os.path.join(directory, name))
+        out.append(files[name][first:first + count])
+    return np.concatenate(out)
 
 
 def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, language_ids: Sequence[int],
@@ -164,8 +191,7 @@ def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, 
     `language_ids`, cached and resumable as in `extract` (the key adds the decoder and the token ids)."""
     if not examples:
         raise ValueError("no examples to embed")
-    spec = cache_spec(encoder, examples, pooling="whisper_features", pad_to=N_SAMPLES, batch_size=batch_size,
-                      shard_batches=shard_batches)
+    spec = cache_spec(encoder, pooling="whisper_features", pad_to=N_SAMPLES)
     spec.update(decoder=_fingerprint(decoder), sot=int(sot), language_ids=[int(i) for i in language_ids])
     prepare_mesh(encoder, mesh, batch_size)
     if mesh is not None:
@@ -181,8 +207,8 @@ def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, 
             update(int(batch["valid"].sum()))
         return np.concatenate(rows)
 
-    rows = cached_rows(cache_dir, spec, examples, batch_size * shard_batches, compute, desc="whisper features",
-                       progress=progress)
+    rows = cached_rows(cache_dir, spec, examples, example_keys(examples), batch_size * shard_batches, compute,
+                       desc="whisper features", progress=progress)
     d = encoder.config.d_model
     return {"mean": rows[:, :d], "masked_mean": rows[:, d:2 * d], "lang_logprobs": rows[:, 2 * d:]}
 
@@ -203,8 +229,7 @@ def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     pad_to = N_SAMPLES if is_whisper else max(e.num_samples for e in examples)
-    spec = cache_spec(encoder, examples, pooling=pooling, pad_to=pad_to, batch_size=batch_size,
-                      shard_batches=shard_batches)
+    spec = cache_spec(encoder, pooling=pooling, pad_to=pad_to)
     prepare_mesh(encoder, mesh, batch_size)
 
     def compute(shard_examples, update):
@@ -216,8 +241,8 @@ def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size:
             update(int(batch["valid"].sum()))
         return np.concatenate(rows)
 
-    embeddings = cached_rows(cache_dir, spec, examples, batch_size * shard_batches, compute, desc="embeddings",
-                             progress=progress, on_shard=on_shard)
+    embeddings = cached_rows(cache_dir, spec, examples, example_keys(examples), batch_size * shard_batches, compute,
+                             desc="embeddings", progress=progress, on_shard=on_shard)
     if embeddings.shape[0] != len(examples):
         raise RuntimeError(f"cache under {cache_dir} holds {embeddings.shape[0]} rows for {len(examples)} examples")
     return embeddings, np.array([e.id for e in examples], object)

@@ -110,9 +110,10 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
     spans_by_id = {u.id: u.spans for u in utterances}
     if len(spans_by_id) != len(utterances):
         raise ValueError("utterance ids must be unique")
-    spec = embeddings.cache_spec(encoder, examples, pooling="span_mean", pad_to=pad_to, batch_size=batch_size,
-                                 shard_batches=shard_batches)
-    spec["spans"] = hashlib.sha256(np.concatenate([u.spans.ravel() for u in utterances]).tobytes()).hexdigest()
+    spec = embeddings.cache_spec(encoder, pooling="span_mean", pad_to=pad_to)
+    spec["max_spans"] = max_spans
+    keys = [f"{k}|{hashlib.sha256(np.ascontiguousarray(u.spans, np.float32).tobytes()).hexdigest()}"
+            for k, u in zip(embeddings.example_keys(examples), utterances)]
     embeddings.prepare_mesh(encoder, mesh, batch_size)
 
     def compute(shard_examples, update):
@@ -127,8 +128,9 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
             update(int(batch["valid"].sum()))
         return np.concatenate(rows)
 
-    features = embeddings.cached_rows(cache_dir, spec, examples, batch_size * shard_batches, compute,
-                                      desc="span features", progress=progress)
+    features = embeddings.cached_rows(cache_dir, spec, examples, keys, batch_size * shard_batches, compute,
+                                      desc="span features", rows_per_item=[len(u.spans) for u in utterances],
+                                      progress=progress)
     labels = np.array([l for u in utterances for l in u.labels], object)
     sources = np.array([u.source for u in utterances for _ in u.labels], object)
     if features.shape[0] != len(labels):

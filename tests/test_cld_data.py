@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -240,18 +241,41 @@ def test_extraction_resumes_after_kill(corpus, tmp_path):
     assert run.returncode == -9, run.stderr[-2000:]
     (key,) = os.listdir(cache)
     with open(os.path.join(cache, key, "index.json")) as f:
-        assert sorted(json.load(f)["done"]) == ["0", "1"]
+        assert sorted(k.split("|")[0] for k in json.load(f)["items"]) == sorted(ids(cld_data.load_manifest(manifest))[:8])
     ds = cld_data.load_manifest(manifest)
     enc = WhisperEncoder(TINY_WHISPER, rngs=nnx.Rngs(0))
     resumed_shards = []
     X, got_ids = embeddings.extract(enc, ds.examples, cache_dir=cache, batch_size=2, shard_batches=2,
                                     on_shard=resumed_shards.append, progress=False)
-    assert resumed_shards == [12, 16, 20, 24]  # only the 4 missing shards were computed
+    assert resumed_shards == [4, 8, 12, 16]  # only the 16 missing clips were computed, in shards of 4
     full, full_ids = embeddings.extract(enc, ds.examples, cache_dir=str(tmp_path / "full"), batch_size=2,
                                         shard_batches=2, progress=False)
     np.testing.assert_array_equal(X, full)
     assert X.shape == (24, 32) and list(got_ids) == list(full_ids) == ids(ds)
     assert len({row.tobytes() for row in X}) == 24  # no duplicated rows
+
+
+def test_cache_is_per_clip_and_keyed_by_audio_content(corpus, tmp_path):
+    """A subset's rows serve a later superset, and a clip whose file changed is recomputed."""
+    root, _ = corpus
+    ds = cld_data.load_manifest(str(root / "manifest.jsonl"))
+    enc = WhisperEncoder(TINY_WHISPER, rngs=nnx.Rngs(0))
+    cache = str(tmp_path / "cache")
+    embeddings.extract(enc, ds.examples[2:6], cache_dir=cache, batch_size=2, progress=False)
+    computed = []
+    X, _ = embeddings.extract(enc, ds.examples[:8], cache_dir=cache, batch_size=2, shard_batches=1,
+                              on_shard=computed.append, progress=False)
+    assert computed == [2, 4]  # clips 0, 1, 6, 7 only
+    audio = np.stack([pad_or_trim(cld_data.read_audio(e)) for e in ds.examples[:8]])
+    np.testing.assert_allclose(X, np.asarray(mean_pool(enc(log_mel_spectrogram(audio)))), atol=1e-6)
+    path = str(tmp_path / "clip.wav")
+    shutil.copyfile(ds.examples[0].audio_path, path)
+    embeddings.extract(enc, [dataclasses.replace(ds.examples[0], audio_path=path)], cache_dir=cache, batch_size=2,
+                       progress=False)
+    shutil.copyfile(ds.examples[1].audio_path, path)  # same path and id, different audio
+    again, _ = embeddings.extract(enc, [dataclasses.replace(ds.examples[0], audio_path=path)], cache_dir=cache,
+                                  batch_size=2, progress=False)
+    np.testing.assert_allclose(again[0], X[1], atol=1e-6)
 
 
 SHARDED_RUN = textwrap.dedent("""
