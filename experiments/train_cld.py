@@ -39,8 +39,11 @@ _POOLING = flags.DEFINE_enum(
     "pooling", None, ["mean", "masked_mean"],
     "Utterance pooling: mean over all encoder frames (Whisper: all 1500, padding included, as the published "
     "heads) or masked_mean over the frames covering the audio. Unset: the encoder's default.")
-_INPUT_NORM = flags.DEFINE_enum("input_norm", "none", ["none", "center", "standardize"],
-                                "Per-feature centring / standardisation stored in the head (training statistics).")
+_INPUT_NORM = flags.DEFINE_enum(
+    "input_norm", "center", ["none", "center", "standardize"],
+    "Per-feature centring / standardisation stored in the head (training statistics). Default center: the best "
+    "cvx configuration on real whisper-base embeddings (experiments/results/bench_heads.md); the published "
+    "heads used none (their flagfiles say so).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Encoder batch size.")
 _EPOCHS = flags.DEFINE_integer("nn_epochs", 50, "Epochs of the NN head.")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the `data` mesh axis (-1: all, 0: no mesh).")
