@@ -66,8 +66,8 @@ def write_head(directory: str, tensors: dict[str, np.ndarray], metadata: dict) -
     """Writes `tensors` to directory/head.safetensors and `metadata` to directory/head.json, each atomically;
     head.json records the weights' SHA-256, so a pair left mismatched by a kill between the two is refused."""
     os.makedirs(directory, exist_ok=True)
-    weights = save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                   metadata={"languages": ",".join(metadata["languages"])})
+    header = {"languages": ",".join(metadata["languages"])} if "languages" in metadata else None  # label order
+    weights = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=header)
     record = {**metadata, "format_version": FORMAT_VERSION, "weights_sha256": hashlib.sha256(weights).hexdigest()}
     _atomic_write(os.path.join(directory, WEIGHTS_FILE), weights)
     _atomic_write(os.path.join(directory, METADATA_FILE),
