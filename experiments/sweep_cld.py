@@ -56,7 +56,8 @@ def plot(points: list[dict], path: str, title: str) -> None:
         if not all(key in p for p in points):
             continue
         mean = np.array([p[key]["mean"] for p in points])
-        err = np.array([[p[key]["mean"] - p[key]["min"], p[key]["max"] - p[key]["mean"]] for p in points]).T
+        err = np.maximum(np.array([[p[key]["mean"] - p[key]["min"], p[key]["max"] - p[key]["mean"]]
+                                   for p in points]).T, 0.0)  # equal seeds: round-off must not go negative
         ax.errorbar(xs, mean, yerr=err, fmt=style, capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("training clips per language")
