@@ -1,5 +1,6 @@
 """Front ends: Whisper log-mel and wav2vec2 normalisation against transformers, input validation."""
 
+import os
 import shutil
 import subprocess
 import wave
@@ -10,13 +11,15 @@ import transformers
 
 from encoders import audio
 
-SENTENCES = "/work/shared/corpora/sentences/en.txt"
+# the project's own shipped sentences: a fresh clone has nothing beside it
+SENTENCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "data",
+                         "tts_sentences", "en.txt")
 
 
 def espeak(tmp_path, text: str) -> tuple[np.ndarray, int]:
     """Synthesises `text` with espeak-ng; returns float audio and its rate (22050 Hz)."""
     if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng is not installed")
+        pytest.fail("espeak-ng is not installed: apt-get install -y espeak-ng (the README's test command does)")
     path = tmp_path / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(path), text], check=True)
     with wave.open(str(path)) as f:
