@@ -85,8 +85,9 @@ def _greedy(decoder, encoder_states, prompt, penalty, temperature, key, opts: De
         scores = _process(s["logits"], s["seen"], s["i"], penalty, opts)
         logprobs = jax.nn.log_softmax(scores, axis=-1)
         key, sub = jax.random.split(s["key"])
-        sampled = jax.random.categorical(sub, scores / jnp.maximum(temperature, 1e-6), axis=-1)
-        tok = jnp.where(temperature > 0, sampled, jnp.argmax(scores, axis=-1)).astype(jnp.int32)
+        tok = jax.lax.cond(temperature > 0,  # greedy steps draw no noise over the vocabulary
+                           lambda: jax.random.categorical(sub, scores / jnp.maximum(temperature, 1e-6), axis=-1),
+                           lambda: jnp.argmax(scores, axis=-1)).astype(jnp.int32)
         tok = jnp.where(s["done"], opts.eos_token_id, tok)
         live = ~s["done"]
         logprob = s["logprob"] + jnp.where(live, jnp.take_along_axis(logprobs, tok[:, None], 1)[:, 0], 0.0)

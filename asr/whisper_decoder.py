@@ -43,18 +43,23 @@ class WhisperDecoderConfig:
 
 
 def _heads(x, num_heads):
+    """(B, t, D) -> (B, N, t, H): heads-major, the layout batched matmuls read without a copy."""
     b, t, d = x.shape
-    return x.reshape(b, t, num_heads, d // num_heads)
+    return x.reshape(b, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
 
 
 def _attend(q, k, v, mask=None):
-    """Softmax attention (float32 scores) of q (B, t, N, H) over k, v (B, S, N, H); mask (t, S) bool."""
-    s = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    """Softmax attention (float32 scores) of q (B, N, t, H) over k, v (B, N, S, H); mask (t, S) bool.
+
+    Keys and values are kept heads-major so that the cached cross-attention states are read in place at
+    every decoding step (a (B, S, N, H) layout makes XLA transpose all of them per step)."""
+    s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1)
-    y = jnp.einsum("bnts,bsnh->btnh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return y.astype(q.dtype).reshape(q.shape[0], q.shape[1], -1)
+    y = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    b, n, t, h = y.shape
+    return y.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b, t, n * h)
 
 
 class WhisperDecoderLayer(nnx.Module):
@@ -75,22 +80,23 @@ class WhisperDecoderLayer(nnx.Module):
         self.num_heads = cfg.decoder_attention_heads
 
     def cross_kv(self, encoder_states):
-        """Cross-attention keys and values (B, S, N, H) of the encoder states."""
+        """Cross-attention keys and values (B, N, S, H) of the encoder states."""
         attn = self.encoder_attn
         return _heads(attn.k_proj(encoder_states), self.num_heads), _heads(attn.v_proj(encoder_states), self.num_heads)
 
-    def __call__(self, x, k_cache, v_cache, offset, cross_k, cross_v):
-        """x (B, t, D) at positions offset..offset+t-1; returns (x, k_cache, v_cache) with the new keys written."""
+    def __call__(self, x, k_cache, v_cache, index, offset, cross_k, cross_v):
+        """x (B, t, D) at positions offset..offset+t-1; k_cache, v_cache (layers, B, N, L, H) of all layers, this
+        one at `index`; returns (x, k_cache, v_cache) with this layer's new keys and values written in place."""
         t = x.shape[1]
         scale = (x.shape[-1] // self.num_heads) ** -0.5
         h = self.self_attn_layer_norm(x)
         q = _heads(self.self_attn.q_proj(h) * scale, self.num_heads)
         k = _heads(self.self_attn.k_proj(h), self.num_heads).astype(k_cache.dtype)
         v = _heads(self.self_attn.v_proj(h), self.num_heads).astype(v_cache.dtype)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, offset, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, offset, 0, 0))
-        causal = jnp.arange(k_cache.shape[1])[None, :] <= offset + jnp.arange(t)[:, None]
-        x = x + self.self_attn.out_proj(_attend(q, k_cache, v_cache, causal))
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None], (index, 0, 0, offset, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None], (index, 0, 0, offset, 0))
+        causal = jnp.arange(k_cache.shape[3])[None, :] <= offset + jnp.arange(t)[:, None]
+        x = x + self.self_attn.out_proj(_attend(q, k_cache[index], v_cache[index], causal))
         h = self.encoder_attn_layer_norm(x)
         q = _heads(self.encoder_attn.q_proj(h) * scale, self.num_heads)
         x = x + self.encoder_attn.out_proj(_attend(q, cross_k, cross_v))
@@ -117,15 +123,15 @@ class WhisperDecoder(nnx.Module):
         self.dtype = dtype
 
     def cross_kv(self, encoder_states):
-        """Per-layer cross-attention (keys, values), each stacked to (layers, B, S, N, H)."""
+        """Per-layer cross-attention (keys, values), each stacked to (layers, B, N, S, H)."""
         kvs = [layer.cross_kv(encoder_states.astype(self.dtype)) for layer in self.layers]
         return jnp.stack([k for k, _ in kvs]), jnp.stack([v for _, v in kvs])
 
     def init_cache(self, batch: int, length: int | None = None):
-        """Zero self-attention cache (keys, values), each (layers, B, length, N, H); length defaults to the maximum."""
+        """Zero self-attention cache (keys, values), each (layers, B, N, length, H); length defaults to the maximum."""
         cfg = self.config
         length = cfg.max_target_positions if length is None else length
-        shape = (cfg.decoder_layers, batch, length, cfg.decoder_attention_heads,
+        shape = (cfg.decoder_layers, batch, cfg.decoder_attention_heads, length,
                  cfg.d_model // cfg.decoder_attention_heads)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
@@ -138,14 +144,12 @@ class WhisperDecoder(nnx.Module):
             x = x * jnp.sqrt(jnp.asarray(self.config.d_model, self.dtype))
         positions = jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding.get_value(), offset, t)
         x = x + positions.astype(self.dtype)
-        ks, vs = [], []
+        k_cache, v_cache = cache
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cache[0][i], cache[1][i], offset, cross[0][i], cross[1][i])
-            ks.append(k)
-            vs.append(v)
+            x, k_cache, v_cache = layer(x, k_cache, v_cache, i, offset, cross[0][i], cross[1][i])
         x = self.layer_norm(x)
         logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
-        return logits, (jnp.stack(ks), jnp.stack(vs))
+        return logits, (k_cache, v_cache)
 
     def __call__(self, tokens, encoder_states):
         """Teacher-forced logits (B, t, vocab) for `tokens` (B, t) given encoder states (B, S, D)."""
