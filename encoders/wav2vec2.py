@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from encoders import loading
-from encoders.audio import normalize  # noqa: F401  (re-exported: wav2vec2.normalize)
+from encoders.audio import SAMPLE_RATE, normalize  # noqa: F401  (normalize re-exported: wav2vec2.normalize)
 from encoders.layers import Attention, Conv1d, Dense, JittedEncoder, LayerNorm, activation, run_layers
 
 
@@ -211,12 +211,45 @@ class Wav2Vec2Encoder(JittedEncoder):
         self.num_states = config.num_hidden_layers + 1
         self.source: str | None = None  # checkpoint directory or repo id, for load_adapter
 
+    def __call__(self, inputs, attention_mask=None, output_hidden_states=False):
+        """Hidden states as `JittedEncoder.__call__`, after `check_lengths` on the rows of a concrete
+        `attention_mask` (inside an outer jit, where the mask is traced, on the padded length only)."""
+        if attention_mask is None or isinstance(attention_mask, jax.core.Tracer):
+            self.check_lengths([np.shape(inputs)[-1]])
+        else:
+            self.check_lengths(np.asarray(attention_mask).sum(-1))
+        return super().__call__(inputs, attention_mask, output_hidden_states)
+
     def frame_lengths(self, sample_lengths):
         """Number of encoder frames produced from `sample_lengths` samples (conv arithmetic)."""
         lengths = jnp.asarray(sample_lengths)
         for k, s in zip(self.config.conv_kernel, self.config.conv_stride):
             lengths = (lengths - k) // s + 1
         return lengths
+
+    @property
+    def min_samples(self) -> int:
+        """Fewest samples that give one encoder frame: the feature encoder's receptive field, the conv
+        arithmetic of `frame_lengths` run backwards from one frame."""
+        length = 1
+        for k, s in zip(reversed(self.config.conv_kernel), reversed(self.config.conv_stride)):
+            length = (length - 1) * s + k
+        return length
+
+    def check_lengths(self, sample_lengths, names=None) -> None:
+        """Raises ValueError for clips of fewer than `min_samples` samples, which give no encoder frame (and
+        would pool to zeros); `names` (default: row indices) name the clips in the message."""
+        lengths = np.asarray(sample_lengths).reshape(-1)
+        names = [f"row {i}" for i in range(len(lengths))] if names is None else list(names)
+        short = [f"{name} ({int(n)} samples)" for name, n in zip(names, lengths) if n < self.min_samples]
+        if short:
+            need = self.min_samples
+            raise ValueError(
+                f"{len(short)} clip(s) shorter than the {need} samples ({need / SAMPLE_RATE * 1000:g} ms at 16 kHz) "
+                f"that give one wav2vec2 frame (conv kernels {tuple(self.config.conv_kernel)}, strides "
+                f"{tuple(self.config.conv_stride)}): {', '.join(short[:10])}{', ...' if len(short) > 10 else ''}; "
+                "they would have no frames and pool to zeros. "
+                f"Zero-pad each such clip itself (as audio, not masked padding) to at least {need} samples, or drop it")
 
     def frame_mask(self, attention_mask, num_frames: int | None = None):
         """(B, frames) bool mask of real encoder frames for a (B, samples) sample mask."""

@@ -268,9 +268,8 @@ def _worker_adam(data, out, target, max_seconds):
         if acc >= target:
             reached = time.perf_counter() - start
             break
-    with open(out, "w") as f:
-        json.dump({"reached_seconds": reached, "epochs": epochs, "best_accuracy": best,
-                   "elapsed": time.perf_counter() - start}, f)
+    report.atomic_write_text(out, json.dumps({"reached_seconds": reached, "epochs": epochs, "best_accuracy": best,
+                                              "elapsed": time.perf_counter() - start}))
 
 
 def _worker_gemm(out, sizes, d, columns):
@@ -287,8 +286,7 @@ def _worker_gemm(out, sizes, d, columns):
     rates = {"square_4096": rate(jax.random.normal(key, (4096, 4096)), jax.random.normal(key, (4096, 4096)))}
     for n in sizes:
         rates[f"solve_{n}"] = rate(jax.random.normal(key, (n, d)), jax.random.normal(key, (d, columns)))
-    with open(out, "w") as f:
-        json.dump(rates, f)
+    report.atomic_write_text(out, json.dumps(rates))
 
 
 def _timed(fn) -> float:
@@ -346,6 +344,7 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown --sections {unknown}; choose from {list(SECTIONS)}")
     problems = [_parse_problem(spec) for spec in _PYSCNN_PROBLEMS.value] if "pyscnn" in sections else []
+    report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     load_before = os.getloadavg()
     rows, adam_rows, gemm, pyscnn_rows = [], [], None, []
     with tempfile.TemporaryDirectory() as tmp:
@@ -513,7 +512,7 @@ def _write_report(sections, rows, adam_rows, gemm, pyscnn_rows, load_before, loa
     ]
     if "jaxcld" in sections or "adam" in sections:
         lines += [
-            f"Problem: two classes, d = {_DIM.value}, P = {_PATTERNS.value} patterns (128 hidden units), beta = {_BETA.value}, "
+            f"Problem: two classes, d = {_DIM.value}, P = {_PATTERNS.value} patterns ({2 * _PATTERNS.value} hidden units), beta = {_BETA.value}, "
             f"published fixed settings for both solvers (rho {RHO}, rank {RANK}, {ADMM_ITERS} ADMM x {PCG_ITERS} PCG, "
             f"gamma {GAMMA}); cronos's PCG also stops once its relative residual reaches 10 * float32 eps. "
             "Same data and patterns for both; objectives evaluated by `cronos.objective` in float64. "
@@ -573,7 +572,7 @@ def _adam_lines(adam_rows):
     lines = [
         "## Time to the same validation accuracy: cronos vs an optax-Adam ReLU MLP",
         "",
-        "Adam baseline: two-layer ReLU MLP with the same 128 hidden units, softmax cross-entropy, Adam lr 1e-3, "
+        f"Adam baseline: two-layer ReLU MLP with the same {2 * _PATTERNS.value} hidden units, softmax cross-entropy, Adam lr 1e-3, "
         "batch 256, validation accuracy checked after every epoch; time includes its JIT compilation. "
         f"Target = cronos's validation accuracy ({_VAL.value} held-out samples).",
         "",

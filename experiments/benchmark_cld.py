@@ -258,6 +258,7 @@ def define_flags():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     f = flags.FLAGS
     config = dict(encoder=f.encoder, dataset=f.dataset, splits=list(f.splits), languages=sorted(f.languages),
                   data_seed=f.data_seed, batch_size=f.batch_size, max_examples=f.max_examples,

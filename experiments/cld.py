@@ -181,13 +181,17 @@ def summary(metrics: dict) -> str:
 
 
 def make_mesh(data: int, model: int):
-    """(data, model) device mesh; None when it would hold a single device (or data == 0)."""
+    """(data, model) device mesh over the first data * model devices (data < 0: as many as fit); None when it
+    would hold a single device (or data == 0)."""
     from encoders import sharding
 
-    devices = jax.device_count() if data < 0 else data
-    if data == 0 or devices * model <= 1:
+    data = jax.device_count() // model if data < 0 else data
+    if data == 0 or data * model <= 1:
         return None
-    return sharding.create_mesh(devices, model)
+    if data * model > jax.device_count():
+        raise ValueError(f"--mesh_data={data} x --mesh_model={model} needs {data * model} devices, but "
+                         f"{jax.device_count()} are available: lower them (or --mesh_data=-1 to use all)")
+    return sharding.create_mesh(data, model, devices=jax.devices()[: data * model])
 
 
 def load_dataset(spec: str, languages: list[str]):
@@ -282,6 +286,7 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         "validation_peak": float(max(info.get("val_accuracy_history") or [valid_metrics["accuracy"]])),
         "train_wall_seconds": wall, "train_compile_seconds": float(info.get("compile_seconds", 0.0)),
         "train_run_seconds": float(info.get("run_seconds", wall)), "train_flops": float(info.get("flops", float("nan"))),
+        "train_flop_count_seconds": float(info.get("flop_count_seconds", 0.0)),  # XLA's FLOP count, timed apart
         "devices": jax.device_count(), "backend": jax.default_backend(),
     }
     if "accent_shift" in embedded:

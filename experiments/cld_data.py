@@ -28,7 +28,7 @@ import numpy as np
 import soundfile as sf
 from absl import logging
 
-from encoders.audio import prepare_audio
+from encoders.audio import prepare_audio, validate_audio
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_corpus", "manifest.jsonl")
 SPLITS = ("train", "valid", "test")
@@ -82,10 +82,26 @@ class Dataset:
         return np.array([index[e.lang] for e in self.examples], np.int32)
 
 
+class CorruptAudioError(ValueError):
+    """An audio file that cannot be decoded (unreadable, truncated, not audio) or decodes to no finite samples."""
+
+
 def decode_audio(source) -> np.ndarray:
-    """A file path or file-like object (wav, flac, ogg, mp3, ...) as validated 16 kHz mono float32."""
-    audio, rate = sf.read(source, dtype="float32", always_2d=True)
-    return prepare_audio(audio, rate, channels_axis=1)
+    """A file path or file-like object (wav, flac, ogg, mp3, ...) as validated 16 kHz mono float32.
+
+    Raises CorruptAudioError when the file cannot be decoded or is empty or non-finite; any other error
+    (a wrong argument, a bug) propagates.
+    """
+    try:
+        audio, rate = sf.read(source, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, OSError) as err:  # libsndfile's decode errors, I/O errors of the file
+        raise CorruptAudioError(f"cannot decode the audio ({type(err).__name__}: {err}); re-encode or drop the file") \
+            from err
+    try:
+        mono = validate_audio(audio.mean(axis=1))  # a (T,) float32 array, so only its samples can fail
+    except ValueError as err:
+        raise CorruptAudioError(f"the decoded audio is unusable ({err}); re-encode or drop the file") from err
+    return prepare_audio(mono, rate)
 
 
 def read_audio(example: Example) -> np.ndarray:
@@ -114,8 +130,8 @@ def _build_dataset(examples: Iterable[Example], languages: Sequence[str] | None,
         seen.add(ex.id)
         try:
             num_samples = len(read_audio(ex))
-        except (sf.LibsndfileError, RuntimeError, ValueError, TypeError, OSError) as err:
-            stats.skipped_corrupt.append((ex.audio_path or ex.id, f"{type(err).__name__}: {err}"))
+        except CorruptAudioError as err:
+            stats.skipped_corrupt.append((ex.audio_path or ex.id, str(err)))
             logging.warning("skipping unreadable audio %s: %s", ex.audio_path or ex.id, err)
             continue
         kept.append(dataclasses.replace(ex, num_samples=num_samples))

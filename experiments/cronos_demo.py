@@ -10,7 +10,6 @@ reports held-out accuracy, compile and run time and XLA-counted FLOPs, and write
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -20,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import cronos
+from experiments.report import atomic_write_text
 
 _PATTERNS = flags.DEFINE_integer("n_patterns", 64, "Activation patterns P (2P hidden units).")
 _BETA = flags.DEFINE_float("beta", 1e-3, "Group-lasso strength.")
@@ -57,9 +57,7 @@ def main(argv):
         print(f"{name:22s} test accuracy {accuracy:.4f}  objective {row['objective']:.4f}  "
               f"ADMM {row['admm_iterations']:4d} (converged: {result.converged})  PCG {row['pcg_iterations']:5d}  "
               f"compile {row['compile_seconds']:.2f}s  run {row['run_seconds']:.3f}s  {flops / 1e9:.2f} GFLOP")
-    os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-    with open(_OUTPUT.value, "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_text(_OUTPUT.value, json.dumps(report, indent=2))
     print(f"wrote {_OUTPUT.value}")
 
 

@@ -5,7 +5,8 @@
 Whisper: log-mel -> encoder -> `mean` over all 1500 frames (the CLD convention) or `masked_mean` over
 the frames of real audio. wav2vec2 / XLS-R / MMS: `normalize` -> encoder (with the sample mask) ->
 `masked_mean` over real frames (default) or `mean`. Every batch has `batch_size` rows (the last one is
-filled with repeats that are dropped) and one padded length, so the forward compiles once.
+filled with repeats that are dropped) and one padded length, so the forward compiles once. Before any
+encoding, `check_clip_lengths` refuses clips over Whisper's 30 s window or under one wav2vec2 frame.
 
 Cache: `cache_dir/<key>/` holds `shard_XXXXXX.npy` files of `shard_batches` batches each and
 `index.json` listing the finished shards; both are written to a temporary file and renamed
@@ -31,7 +32,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from encoders.audio import N_SAMPLES, log_mel_spectrogram, normalize
+from encoders.audio import CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, normalize
 from encoders.pooling import masked_mean_pool, mean_pool, whisper_frame_mask
 from encoders.sharding import shard_model
 from encoders.whisper import WhisperEncoder
@@ -104,6 +105,20 @@ def example_keys(examples: Sequence[Example]) -> list[str]:
             data = e.audio if isinstance(e.audio, bytes) else np.ascontiguousarray(e.audio).tobytes()
         keys.append(f"{e.id}|{hashlib.sha256(data).hexdigest()}")
     return keys
+
+
+def check_clip_lengths(encoder, examples: Sequence[Example]) -> None:
+    """Raises ValueError, before any encoding, for clips `encoder` cannot embed whole: over Whisper's 30 s window,
+    or shorter than one wav2vec2 frame. Lengths are the examples' `num_samples`, recorded by the `cld_data`
+    loaders when they decode every clip, so the check reads no audio."""
+    if not isinstance(encoder, WhisperEncoder):
+        encoder.check_lengths([e.num_samples for e in examples], [f"clip {e.id!r}" for e in examples])
+        return
+    long = [f"{e.id!r} ({e.num_samples / SAMPLE_RATE:.2f} s)" for e in examples if e.num_samples > N_SAMPLES]
+    if long:
+        raise ValueError(f"{len(long)} clip(s) longer than Whisper's {CHUNK_SECONDS} s window: {', '.join(long[:10])}"
+                         f"{', ...' if len(long) > 10 else ''}; trim or split them into clips of at most "
+                         f"{CHUNK_SECONDS} s before embedding them")
 
 
 def encoder_batches(encoder, examples: Sequence[Example], batch_size: int, pad_to: int,
@@ -186,6 +201,7 @@ def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, 
     `language_ids`, cached and resumable as in `extract` (the key adds the decoder and the token ids)."""
     if not examples:
         raise ValueError("no examples to embed")
+    check_clip_lengths(encoder, examples)
     spec = cache_spec(encoder, pooling="whisper_features", pad_to=N_SAMPLES)
     spec.update(decoder=_fingerprint(decoder), sot=int(sot), language_ids=[int(i) for i in language_ids])
     prepare_mesh(encoder, mesh, batch_size)
@@ -223,6 +239,7 @@ def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size:
     pooling = pooling or ("mean" if is_whisper else "masked_mean")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_clip_lengths(encoder, examples)
     pad_to = N_SAMPLES if is_whisper else max(e.num_samples for e in examples)
     spec = cache_spec(encoder, pooling=pooling, pad_to=pad_to)
     prepare_mesh(encoder, mesh, batch_size)

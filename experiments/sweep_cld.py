@@ -12,6 +12,7 @@ on the same test clips when the encoder is a pretrained Whisper.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -67,8 +68,10 @@ def plot(points: list[dict], path: str, title: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    report.atomic_write_bytes(path, png.getvalue())
 
 
 def table(points: list[dict], base: dict) -> str:
@@ -91,6 +94,7 @@ def table(points: list[dict], base: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     base = train_cld.config_from_flags()
     output = train_cld._OUTPUT.value
     runs = []

@@ -14,7 +14,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from experiments import phone_spans
+from experiments import phone_spans, report
 from heads import supcon
 
 _MANIFEST = flags.DEFINE_string("manifest", "outputs/phone_corpus/manifest.jsonl", "Phone-span JSONL manifest.")
@@ -30,7 +30,8 @@ _LR = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 _CLASSES = flags.DEFINE_integer("classes_per_batch", 32, "Classes per batch.")
 _INSTANCES = flags.DEFINE_integer("instances_per_class", 8, "Spans per class per batch.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "SupCon temperature.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the encoder (random:small), initialisation, batches, dropout.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the encoder (random:small); eval_phone_clusters' --seed must match.")
+_TRAIN_SEED = flags.DEFINE_integer("train_seed", 0, "Seed of the projector's initialisation, batches and dropout.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
 
 
@@ -42,15 +43,14 @@ def main(argv):
     params, info = supcon.train_projector(
         features[train], labels[train], hidden=_HIDDEN.value, out_dim=_OUT_DIM.value, learning_rate=_LR.value,
         steps=_STEPS.value, classes_per_batch=_CLASSES.value, instances_per_class=_INSTANCES.value,
-        temperature=_TEMPERATURE.value, seed=_SEED.value, checkpoint_every=_CHECKPOINT_EVERY.value,
+        temperature=_TEMPERATURE.value, seed=_TRAIN_SEED.value, checkpoint_every=_CHECKPOINT_EVERY.value,
         checkpoint_dir=os.path.join(_OUTPUT.value, "checkpoints"))
     supcon.save_projector(os.path.join(_OUTPUT.value, "projector"), params,
                           {"encoder": identity, "train_sources": sorted(set(sources[train])),
                            "hyperparameters": info["config"]})
     info.update(encoder=identity, train_spans=int(train.sum()), train_classes=int(len(set(labels[train]))),
                 steps_per_second=info["steps_run"] / max(info["seconds"], 1e-9))
-    with open(os.path.join(_OUTPUT.value, "train_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    report.atomic_write_text(os.path.join(_OUTPUT.value, "train_info.json"), json.dumps(info, indent=1))
     print(f"trained {info['steps_run']} steps on {info['train_spans']} spans / {info['train_classes']} classes; "
           f"loss {np.mean(info['losses'][:50]) if info['losses'] else float('nan'):.3f} -> "
           f"{np.mean(info['losses'][-50:]) if info['losses'] else float('nan'):.3f}")

@@ -157,8 +157,7 @@ def _open_checkpoints(directory: str, every: int, train: dict, config: dict):
         if saved != config:
             raise ValueError(f"{directory} holds checkpoints of a different run: {saved} != {config}.")
     else:
-        with open(config_path, "w") as f:
-            json.dump(config, f)
+        io.atomic_write_text(config_path, json.dumps(config))  # a half-written config would block every resume
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
     manager = ocp.CheckpointManager(directory, options=options)
     latest = manager.latest_step()

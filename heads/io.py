@@ -54,12 +54,21 @@ def _json_default(value):
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile("wb", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same folder, fsync and a rename, so a kill leaves
+    the old file or the new one, never half of one (the repository's one atomic file writer)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False, suffix=".tmp") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(f.name, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_head(directory: str, tensors: dict[str, np.ndarray], metadata: dict) -> None:
@@ -69,8 +78,8 @@ def write_head(directory: str, tensors: dict[str, np.ndarray], metadata: dict) -
     header = {"languages": ",".join(metadata["languages"])} if "languages" in metadata else None  # label order
     weights = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=header)
     record = {**metadata, "format_version": FORMAT_VERSION, "weights_sha256": hashlib.sha256(weights).hexdigest()}
-    _atomic_write(os.path.join(directory, WEIGHTS_FILE), weights)
-    _atomic_write(os.path.join(directory, METADATA_FILE),
+    atomic_write_bytes(os.path.join(directory, WEIGHTS_FILE), weights)
+    atomic_write_bytes(os.path.join(directory, METADATA_FILE),
                   json.dumps(record, indent=2, sort_keys=True, default=_json_default).encode())
 
 

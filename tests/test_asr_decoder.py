@@ -8,7 +8,6 @@ from asr_testutil import tiny_whisper_asr
 from asr.whisper_decoder import WhisperDecoder
 from encoders.whisper import WhisperEncoder
 
-pytest.importorskip("whisper")
 
 
 @pytest.fixture(scope="module")

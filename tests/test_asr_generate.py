@@ -9,7 +9,6 @@ from asr.generate import DecodeOptions, generate
 from asr.whisper_decoder import WhisperDecoder
 from encoders.whisper import WhisperEncoder
 
-pytest.importorskip("whisper")
 BEGIN_SUPPRESS = (220, 50257)
 SUPPRESS = (1, 2, 7, 8, 9)
 

@@ -82,6 +82,45 @@ def test_manifest_loads_resamples_and_counts_corrupt(corpus):
     assert [e.text for e in csv_ds.examples] == [e.text for e in ds.examples]
 
 
+
+def write_manifest(root, names, lang="en") -> str:
+    """A JSONL manifest of the files `names` in `root`, all labelled `lang`."""
+    with open(root / "manifest.jsonl", "w") as f:
+        f.writelines(json.dumps({"audio": name, "lang": lang}) + "\n" for name in names)
+    return str(root / "manifest.jsonl")
+
+
+def test_undecodable_audio_is_counted_as_corrupt(tmp_path):
+    sf.write(tmp_path / "good.wav", tone(0, 16000, 1), 16000)
+    (tmp_path / "truncated.wav").write_bytes((tmp_path / "good.wav").read_bytes()[:30])  # cut inside the header
+    (tmp_path / "garbage.wav").write_bytes(np.random.default_rng(0).bytes(2000))
+    sf.write(tmp_path / "nan.wav", np.full(800, np.nan, np.float32), 16000, subtype="FLOAT")
+    bad = ["garbage.wav", "nan.wav", "truncated.wav"]
+    for name in ("garbage.wav", "truncated.wav"):  # the reference decoder refuses them as well
+        with pytest.raises(sf.LibsndfileError):
+            sf.read(tmp_path / name)
+    assert np.isnan(sf.read(tmp_path / "nan.wav")[0]).all()
+    ds = cld_data.load_manifest(write_manifest(tmp_path, ["good.wav", *bad]))
+    assert [os.path.basename(e.audio_path) for e in ds.examples] == ["good.wav"]
+    assert sorted(os.path.basename(p) for p, _ in ds.stats.skipped_corrupt) == bad
+    for name in bad:
+        with pytest.raises(cld_data.CorruptAudioError, match="re-encode or drop the file"):
+            cld_data.decode_audio(str(tmp_path / name))
+
+
+@pytest.mark.parametrize("error", [TypeError, ValueError])
+def test_programming_errors_while_loading_audio_propagate(error, tmp_path, monkeypatch):
+    sf.write(tmp_path / "good.wav", tone(0, 16000, 1), 16000)
+    bug = error("prepare_audio() got an unexpected argument")
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(cld_data, "prepare_audio", broken)
+    with pytest.raises(error) as e:
+        cld_data.load_manifest(write_manifest(tmp_path, ["good.wav"]), languages=["en"])
+    assert e.value is bug
+
 def test_language_filter_and_errors(corpus):
     root, _ = corpus
     path = str(root / "manifest.jsonl")
@@ -167,7 +206,8 @@ def test_audio_pipeline_batches(corpus):
 
 
 def test_hf_dataset_layout(corpus, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # in the test extra
+
     root, _ = corpus
     ds = cld_data.load_manifest(str(root / "manifest.jsonl"))
     parts = dict(zip(("train", "validation", "test"), (ds.examples[:12], ds.examples[12:18], ds.examples[18:])))

@@ -37,6 +37,8 @@ from encoders import ctranslate2 as ct2_reader
 from encoders import loading, pretrained
 from encoders.audio import log_mel_spectrogram, pad_or_trim, prepare_audio
 from encoders.whisper import WhisperEncoder
+from experiments import cld_data
+from heads import LinearHead
 
 BASE, TINY_EN = "openai/whisper-base", "openai/whisper-tiny.en"
 # The issue's pins for whisper-base: part1 + part2 is one model.bin of this size and SHA-256.
@@ -285,6 +287,41 @@ def test_base_greedy_tokens_match_transformers_and_ctranslate2(asr_base, our_sta
                                       max_length=2 * N + prompts.shape[1], suppress_blank=True, suppress_tokens=[-1])
     tok = transformers.WhisperTokenizer.from_pretrained(loading.resolve_model_dir(BASE))
     assert texts == [tok.decode(ids, skip_special_tokens=True).strip() for ids in ct2_tokens(results, N)]
+
+
+def test_base_predict_with_a_separately_trained_head_matches_transformers(asr_base, base):
+    """A linear head trained on transformers' whisper-base states (mean over 1500 frames) of shipped clips routes
+    our pipeline: languages = the head on transformers' states of other clips, texts = transformers `generate`
+    in those languages (greedy, no penalty)."""
+    _, model, processor = base
+    ds = cld_data.load_manifest(cld_data.DEFAULT_CORPUS, languages=list(LANGS), on_unknown_language="drop")
+
+    def pick(split, per_lang, step):
+        return [e for lang in LANGS for e in [e for e in ds.examples if e.split == split and e.lang == lang][::step][:per_lang]]
+
+    def transformers_states(clips):
+        feats = processor.feature_extractor([np.asarray(c) for c in clips], sampling_rate=16000,
+                                            return_tensors="pt").input_features
+        with torch.no_grad():
+            return feats, model.model.encoder(feats).last_hidden_state.numpy().astype(np.float64).mean(1)
+
+    train, test = pick("train", 6, 7), pick("test", 2, 5)
+    _, emb = transformers_states([cld_data.read_audio(e) for e in train])
+    head = LinearHead.fit(emb, [e.lang for e in train], list(LANGS), encoder=BASE)
+    clips = [cld_data.read_audio(e) for e in test]
+    feats, test_emb = transformers_states(clips)
+    expected = head.predict_languages(test_emb)
+    with torch.no_grad():
+        seqs = model.generate(feats, language=list(expected), task="transcribe", return_timestamps=False,
+                              num_beams=1, do_sample=False, repetition_penalty=1.0, max_new_tokens=N).tolist()
+    asr_base.set_lang_detect_head(head)
+    try:
+        langs, texts = asr_base.predict(clips)
+    finally:
+        asr_base.head = None
+    print(f"head: {langs} (true {[e.lang for e in test]}): {texts}")
+    assert langs == list(expected)
+    assert texts == [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in seqs]
 
 
 def test_base_greedy_tokens_match_faster_whisper_transcribe(asr_base, speech, fw_model):

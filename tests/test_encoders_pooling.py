@@ -9,9 +9,20 @@ def hidden():
     return np.arange(2 * 100 * 3, dtype=np.float32).reshape(2, 100, 3)
 
 
-def test_mean_pool_includes_padding():
-    h = hidden()
-    np.testing.assert_allclose(pooling.mean_pool(h), h.mean(1), rtol=1e-6)
+def test_mean_pool_is_the_published_heads_convention():
+    """`mean_pool` is what the released jaxcld heads were trained on: their own torch pooling of the encoder
+    output (`NNLangDetectHeadModule.forward`, classifier removed), all frames, padding included."""
+    import torch
+    from jaxcld.models.lang_detect_head import NNLangDetectHeadModule
+
+    published = NNLangDetectHeadModule(d_model=3).eval()
+    published.classifier = torch.nn.Identity()
+    h = np.random.default_rng(0).standard_normal((2, 1500, 3)).astype(np.float32)
+    h[:, 200:] += 5.0  # "padding" frames that differ from the speech frames
+    with torch.no_grad():
+        reference = published(torch.from_numpy(h)).numpy()
+    np.testing.assert_allclose(pooling.mean_pool(h), reference, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(reference, h[:, :200].mean(1), atol=1.0)  # the padding counts
 
 
 def test_masked_mean_pool_uses_real_frames():

@@ -126,3 +126,28 @@ def test_rejects_wrong_rank(checkpoint):
     enc = wav2vec2.Wav2Vec2Encoder.from_pretrained(checkpoint[1])
     with pytest.raises(ValueError, match="batch, samples"):
         enc(random_audio(1)[0])
+
+
+@pytest.mark.parametrize("kernels, strides", [((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)),  # wav2vec2/XLS-R/MMS
+                                              ((10, 3, 2), (5, 2, 2)), ((7, 4, 3), (3, 3, 2))])
+def test_clips_under_one_frame_raise(kernels, strides):
+    """The minimum length is the fewest samples for which transformers' conv arithmetic gives one frame; shorter
+    input raises (alone, or as a masked row of a batch) instead of giving no frames."""
+    config = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=16, conv_dim=(8,) * len(kernels), conv_kernel=kernels,
+                                         conv_stride=strides, num_conv_pos_embeddings=4,
+                                         num_conv_pos_embedding_groups=2, feat_extract_norm="layer")
+    ref = transformers.Wav2Vec2Model(config).eval()
+    frames = ref._get_feat_extract_output_lengths(torch.arange(1, 2000))
+    need = int(torch.nonzero(frames >= 1)[0]) + 1
+    enc = wav2vec2.Wav2Vec2Encoder(wav2vec2.Wav2Vec2Config.from_dict(config.to_dict()), rngs=nnx.Rngs(0))
+    assert enc.min_samples == need
+    with torch.no_grad():
+        ref_frames = ref(torch.from_numpy(random_audio(1, need))).last_hidden_state.shape[1]
+    assert enc(random_audio(1, need)).shape[1] == ref_frames == 1
+    with pytest.raises(ValueError, match=rf"row 0 \({need - 1} samples\).*Zero-pad .* at least {need} samples"):
+        enc(random_audio(1, need - 1))
+    mask = np.ones((2, need + 50), bool)
+    mask[1, need - 1:] = False
+    with pytest.raises(ValueError, match=rf"1 clip\(s\) shorter than the {need} samples.*row 1 \({need - 1} samples\)"):
+        enc(random_audio(2, need + 50), attention_mask=mask)

@@ -20,8 +20,7 @@ def tiny_encoder():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("needs espeak-ng")
+    assert shutil.which("espeak-ng"), "espeak-ng is not installed: `apt-get install espeak-ng` (README's test command does)"
     out = tmp_path_factory.mktemp("phones")
     rows = build_phone_corpus.build_language("es", str(out), np.random.default_rng(0), units_per_clip=3,
                                              syllables=["ba", "ki", "mu", "so"], variants=((160, 50),))

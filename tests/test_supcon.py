@@ -105,7 +105,8 @@ def test_save_load_and_bad_inputs(tmp_path):
 
 
 def test_torch_mlp_head_checkpoint(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 4)).eval()
     path = str(tmp_path / "mlp_head.pt")
