@@ -299,10 +299,6 @@ def bench_batch(systems: list[System], mel, langs, batch: int, rounds: int, spli
 
 # --- report ---------------------------------------------------------------------------------------------------------
 
-def _fmt(values, digits=2) -> str:
-    med, lo, hi = spread(values)
-    return f"{med:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
-
 
 def _ratio(num, den) -> list[float]:
     return [a / b for a, b in zip(num, den)]
@@ -378,10 +374,10 @@ def build_report(clips, results: dict, systems, threads: int, token_text, load_b
             ntok = sum(map(len, toks))
             med = statistics.median(r["run"])
             same = np.mean([a == b for a, b in zip(toks, r0["tokens"])])
-            speedup = "1 (reference)" if s.name == ours else _fmt(_ratio(r["run"], r0["run"]))
-            split = f"{_fmt(r['encode'])} | {_fmt(r['decode'])} | " if FLAGS.splits else ""
+            speedup = "1 (reference)" if s.name == ours else report.median_range(_ratio(r["run"], r0["run"]))
+            split = f"{report.median_range(r['encode'])} | {report.median_range(r['decode'])} | " if FLAGS.splits else ""
             stable = "" if r["stable"] else " (varied between passes)"
-            lines.append(f"| {s.name} | {r['first']:.2f} | {r['warmup']:.2f} | {_fmt(r['run'])} | {ntok / med:.1f} | "
+            lines.append(f"| {s.name} | {r['first']:.2f} | {r['warmup']:.2f} | {report.median_range(r['run'])} | {ntok / med:.1f} | "
                          f"{med / audio_seconds:.3f} | {speedup} | {split}{same:.2f}{stable} | {ntok / n:.1f} | "
                          f"{sum(len(t) >= limit for t in toks)} |")
         lines.append("")

@@ -128,11 +128,6 @@ def run_subprocess(model: str, framework: str) -> dict:
     return json.loads(line[7:])
 
 
-def spread(values) -> str:
-    """'median (min-max)' of a list of numbers."""
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
-
 def main(argv):
     """Runs the workers (or one worker with --worker) and writes the markdown table."""
     del argv
@@ -179,10 +174,10 @@ def main(argv):
             torch_of = {r["round"]: r["steady_s"] for r in rows if r["model"] == model and r["framework"] == "torch"}
             ratios = [torch_of[r["round"]] / r["steady_s"] for r in mine if r["round"] in torch_of]
             steady = [r["steady_s"] for r in mine]
-            lines.append(f"| {model} | {framework} | {spread([r['first_s'] for r in mine])} | {spread(steady)} | "
+            lines.append(f"| {model} | {framework} | {report.median_range([r['first_s'] for r in mine])} | {report.median_range(steady)} | "
                          f"{audio_seconds(model, FLAGS.batch, FLAGS.xlsr_seconds) / statistics.median(steady):.1f} | "
                          f"{max(r['peak_rss_gib'] for r in mine):.2f} | "
-                         f"{spread(ratios) + 'x' if ratios and framework != 'torch' else '1 (reference)' if ratios else 'n/a'} |")
+                         f"{report.median_range(ratios) + 'x' if ratios and framework != 'torch' else '1 (reference)' if ratios else 'n/a'} |")
     lines += ["", "Every round, in the order run:", "", "| round | model | framework | first call (s) | steady (s/batch) | "
               "peak RSS (GiB) |", "|---|---|---|---|---|---|", *log]
     report.write_markdown(FLAGS.out, "\n".join(lines))

@@ -33,10 +33,6 @@ _OUT = flags.DEFINE_string("results_md", "experiments/results/bench_kmeans.md", 
 SUPCON_SHORT = 50  # steps of the short SupCon run whose time (compile included) is subtracted
 
 
-def _spread(values, digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
-
-
 def _timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -89,18 +85,18 @@ def main(argv):
     ]
     for name, label in (("ours", "heads.clustering.kmeans (JAX, jit, compiled)"), ("sklearn", "sklearn.cluster.KMeans (lloyd)")):
         mine = [r for r in runs if r["side"] == name]
-        lines.append(f"| {label} | {_spread([r['seconds'] for r in mine])} | {', '.join(str(r['iters']) for r in mine)} | "
+        lines.append(f"| {label} | {report.median_range([r['seconds'] for r in mine])} | {', '.join(str(r['iters']) for r in mine)} | "
                      f"{statistics.median(r['seconds'] / r['iters'] for r in mine):.3f} | "
                      f"{statistics.median(_N.value * r['iters'] / r['seconds'] for r in mine):.3g} | "
                      f"{statistics.median(r['inertia'] for r in mine):.6g} |")
     verdict = lambda ratios: "faster" if statistics.median(ratios) > 1 else "slower"
     lines += [
-        "", f"Per round, sklearn time / ours: wall clock {_spread(wall)} (ours {verdict(wall)}); per Lloyd iteration "
-        f"{_spread(per_iter)} (ours {verdict(per_iter)}); inertia ours / sklearn {_spread(inertia, 4)}.", "",
+        "", f"Per round, sklearn time / ours: wall clock {report.median_range(wall)} (ours {verdict(wall)}); per Lloyd iteration "
+        f"{report.median_range(per_iter)} (ours {verdict(per_iter)}); inertia ours / sklearn {report.median_range(inertia, 4)}.", "",
         f"SupCon training (1024 -> 1024 -> 256, batches of 32 classes x 8 spans, Adam), compilation excluded: "
         f"({SUPCON_SHORT} + {_SUPCON_STEPS.value})-step run minus {SUPCON_SHORT}-step run, each compiling once: "
-        f"{_spread([r['steps_per_s'] for r in supcon_rates], 1)} steps/s over {_ROUNDS.value} rounds "
-        f"(the {SUPCON_SHORT}-step runs, compile included: {_spread([r['short'] for r in supcon_rates], 1)} s).",
+        f"{report.median_range([r['steps_per_s'] for r in supcon_rates], 1)} steps/s over {_ROUNDS.value} rounds "
+        f"(the {SUPCON_SHORT}-step runs, compile included: {report.median_range([r['short'] for r in supcon_rates], 1)} s).",
     ]
     report.write_markdown(_OUT.value, "\n".join(lines))
     print("\n".join(lines))

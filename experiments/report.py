@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +48,13 @@ def gemm_gflops(n: int = 2048, rounds: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def median_range(values, digits: int = 2) -> str:
+    """'median (min-max)' of a list of numbers: how every benchmark reports a quantity measured over rounds."""
+    values = list(values)
+    med = statistics.median(values)
+    return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def _version(distribution: str) -> str:
     try:
         return importlib.metadata.version(distribution)
@@ -65,7 +73,7 @@ def _espeak_version() -> str:
 
 @functools.lru_cache(maxsize=1)
 def run_facts() -> str:
-    """The machine line of the stamp: CPU, cores, RAM, fp32 GEMM GFLOP/s, jax/torch/espeak-ng versions and the
+    """The machine line of the stamp: CPU, cores, RAM, fp32 GEMM GFLOP/s, jaxlib/torch/espeak-ng versions and the
     load average, measured once per process. Binaries call it first thing, so the GEMM rate is the idle machine's
     at the start of the run; the stamp says when it was measured."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M UTC")
