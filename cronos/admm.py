@@ -20,14 +20,19 @@ Structure used (no 2dP x 2dP matrix is ever formed):
 
 The gated-ReLU program is the same iteration without G, s, nu and with B = I.
 
-Beyond the published iteration (which fixed mode reproduces: relaxation 1, constraint scale 1):
-tolerance mode stops on relative primal/dual residuals, solves PCG inexactly with a tolerance that
-tightens as 0.1 / (k + 1)^2, warm-starts PCG from the previous solution, over-relaxes with
-alpha = 1.6, runs its first 100 iterations at a small rho (0.03), where the objective falls fastest,
-and then balances rho against the residuals every 5 iterations (duals rescaled, preconditioner
-refreshed), which makes the iterate feasible and stops it. Every iteration also records the network
-objective (the regularised loss of the ReLU network the iterate defines, from the X v product it
-already computes).
+Beyond the published iteration (fixed mode: relaxation 1, constraint scale 1; `JaxcldConfig` in
+`jaxcld_mode.py` reproduces jaxcld 0.2.4's iterates themselves): tolerance mode divides X by its centred
+spectral norm (and beta likewise; the program is unchanged, weights are scaled back), without which
+I + X^T X of large-norm embeddings is not representable in float32 and the iteration diverged to NaN; it
+stops on relative primal/dual residuals (or, with `gap_tol`, on the duality gap), over-relaxes with
+alpha = 1.6, runs its first 100 iterations at a small rho (0.01), where the objective falls fastest, and
+then balances rho against the residuals every 5 iterations (duals rescaled, solves refreshed for free).
+The a-system is solved either by PCG (inexact, tolerance tightening as 0.1 / (k + 1)^2, warm-started) or,
+for n up to DIRECT_MAX_SAMPLES, exactly by Woodbury through one eigendecomposition of the n x n matrix
+F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T) (`linear_solver="direct"`, the default path there).
+Every iteration records the objective, the network objective (the regularised loss of the ReLU network
+the iterate defines) and a certified dual lower bound (`problems.dual_bound`, from the residual and the
+cone multipliers -rho * nu). A non-finite iterate stops the loop and raises `NonFiniteIterateError`.
 An optional constraint scale s weights the cone block (G = s (2D - I) X).
 """
 
@@ -48,15 +53,16 @@ from cronos import nystrom, pcg as pcg_lib
 from cronos.problems import (
     ConvexReLU,
     GatedReLU,
+    dual_bound,
     features_times_patterns,
     group_soft_threshold,
     patterns_times_features,
 )
 
-__all__ = ["ADMMConfig", "SolveResult", "solve"]
+__all__ = ["ADMMConfig", "NonFiniteIterateError", "SolveResult", "default_config", "solve"]
 
-_HISTORY_KEYS = ("objective", "network_objective", "primal_residual", "dual_residual", "constraint_violation",
-                 "pcg_iterations", "rho")
+_HISTORY_KEYS = ("objective", "network_objective", "dual_bound", "primal_residual", "dual_residual",
+                 "constraint_violation", "pcg_iterations", "rho")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +71,8 @@ class ADMMConfig:
 
     Attributes:
       rho: ADMM penalty (initial value when adapted). None means 0.1 (the published value) in fixed
-        mode and 0.03 in tolerance mode, which reached lower network objectives in fewer iterations at
-        every size of `experiments/bench_cronos.py` (n = 1000 to 20000).
+        mode and 0.01 in tolerance mode (on unit-spectral-norm data; the best of 1e-3 ... 0.1 on the n ~ d
+        problems of issue 16, synthetic and real whisper-base embeddings).
       rank: Nyström sketch rank r.
       admm_iters: ADMM iterations (a maximum when `tol` is set).
       pcg_iters: PCG iterations per u-update (a maximum; PCG also stops once the relative residual
@@ -85,6 +91,16 @@ class ADMMConfig:
         mode and 1.6 in tolerance mode.
       preconditioner: "nystrom" (default: exact block inverse of I + X^T X composed with the rank-r
         Nyström preconditioner of the whitened F^T F), "block" (block inverse only) or "none" (plain CG).
+      linear_solver: "pcg" (Nyström-preconditioned CG on the a-system; any n) or "direct" (exact
+        Woodbury solve through one eigendecomposition of the n x n matrix F0 B^{-1} F0^T, so a change of
+        rho costs nothing; for n up to a few thousand, where it is faster and never inexact).
+      scale_data: solve the equivalent program with X / s and beta / s, s = ||X - mean(X)||_2 (weights
+        rescaled back; the objective is unchanged), which keeps I + X^T X representable in float32
+        whatever the scale of the embeddings (unscaled, real whisper-base embeddings made it diverge). None means True in tolerance mode and False in fixed mode (the published
+        iteration).
+      gap_tol: also stop once the relative duality gap (objective - best dual bound) / objective and the
+        relative cone violation are both <= gap_tol (tolerance mode only). The dual bound
+        (`cronos.problems.dual_bound`) is recorded every iteration either way.
       dtype: "float32" (default) or "float64" (needs `jax.config.update("jax_enable_x64", True)`).
     """
 
@@ -99,6 +115,9 @@ class ADMMConfig:
     constraint_scale: float = 1.0
     relaxation: float | None = None
     preconditioner: str = "nystrom"
+    linear_solver: str = "pcg"
+    scale_data: bool | None = None
+    gap_tol: float | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -122,15 +141,26 @@ class ADMMConfig:
             raise ValueError(f"relaxation must lie in (0, 2), got {self.relaxation}.")
         if self.preconditioner not in ("nystrom", "block", "none"):
             raise ValueError(f"preconditioner must be 'nystrom', 'block' or 'none', got {self.preconditioner!r}.")
+        if self.linear_solver not in ("pcg", "direct"):
+            raise ValueError(f"linear_solver must be 'pcg' or 'direct', got {self.linear_solver!r}.")
+        if self.gap_tol is not None and not (np.isfinite(self.gap_tol) and self.gap_tol > 0):
+            raise ValueError(f"gap_tol must be None or a positive number, got {self.gap_tol}.")
+        if self.gap_tol is not None and self.tol is None:
+            raise ValueError("gap_tol needs tolerance mode: set tol as well (fixed mode runs all iterations).")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
 
     @property
     def effective_rho(self) -> float:
-        """Initial penalty used: `rho`, or 0.1 (fixed mode) / 0.03 (tolerance mode) when None."""
+        """Initial penalty used: `rho`, or 0.1 (fixed mode) / 0.01 (tolerance mode) when None."""
         if self.rho is not None:
             return float(self.rho)
-        return 0.1 if self.tol is None else 0.03
+        return 0.1 if self.tol is None else 0.01
+
+    @property
+    def effective_scale_data(self) -> bool:
+        """Whether X is scaled to unit spectral norm: `scale_data`, or True in tolerance mode when None."""
+        return (self.tol is not None) if self.scale_data is None else bool(self.scale_data)
 
     @property
     def effective_relaxation(self) -> float:
@@ -150,6 +180,8 @@ class _Statics(NamedTuple):
     rho_warmup: int
     relaxation: float
     preconditioner: str
+    linear_solver: str
+    gap_tol: float | None
     with_validation: bool
     row_sharding: Any
 
@@ -169,6 +201,7 @@ class _Structure(NamedTuple):
     inv_minus_one: Any  # (k,) 1 / (1 + lam) - 1
     approx: nystrom.NystromApprox  # U already multiplied by B^{-1/2}
     fty: jax.Array  # (d, C, P) F0^T Y
+    woodbury: Any = None  # (eigvals (n,), eigvecs (n, n)) of F0 B^{-1} F0^T for the direct solve
 
 
 def _eigen_update(eigvecs, diag, x):
@@ -198,9 +231,18 @@ def _precondition(st: _Structure, scale, r, statics: _Statics):
     if statics.preconditioner == "none":
         return r
     z = _block_inverse(st, r, statics.has_cone)
-    if statics.preconditioner == "nystrom":
+    if st.approx is not None:
         z = z + nystrom.nystrom_correction(st.approx, scale, r)
     return z
+
+
+def _direct_solve(st: _Structure, X, XT, Dm, r, shift, has_cone: bool):
+    """(B + F0^T F0 / shift)^{-1} r by Woodbury: B^{-1} r - B^{-1} F0^T (shift I + M)^{-1} F0 B^{-1} r."""
+    eigvals, eigvecs = st.woodbury
+    z = _block_inverse(st, r, has_cone)
+    f = patterns_times_features(X, Dm, z)  # (n, C)
+    f = eigvecs @ ((eigvecs.T @ f) / (shift + eigvals)[:, None])
+    return z - _block_inverse(st, features_times_patterns(XT, Dm, f), has_cone)
 
 
 def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
@@ -211,20 +253,29 @@ def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
         return features_times_patterns(XT, Dm, patterns_times_features(X, Dm, a))
 
     fty = features_times_patterns(XT, Dm, Y)
-    sketch = statics.preconditioner == "nystrom"
-    if not statics.has_cone:
-        return _Structure(sigma, None, None, nystrom.nystrom_sketch(ftf, key, d, p, statics.rank, X.dtype) if sketch else None, fty)
-    xtx = sigma**2 * (XT @ X)
-    sig2, eigvecs = jnp.linalg.eigh(0.5 * (xtx + xtx.T))
-    k = min(n, d)
-    sig2, eigvecs = jnp.maximum(sig2[-k:], 0.0), eigvecs[:, -k:]
-    inv_minus_one = 1.0 / (1.0 + sig2) - 1.0
-    if not sketch:
-        return _Structure(sigma, eigvecs, inv_minus_one, None, fty)
-    whiten = functools.partial(_eigen_update, eigvecs, lax.rsqrt(1.0 + sig2) - 1.0)
-    approx = nystrom.nystrom_sketch(lambda x: whiten(ftf(whiten(x))), key, d, p, statics.rank, X.dtype)
-    U = whiten(approx.U.transpose(0, 2, 1)).transpose(0, 2, 1)
-    return _Structure(sigma, eigvecs, inv_minus_one, nystrom.NystromApprox(U, approx.eigvals), fty)
+    sketch = statics.preconditioner == "nystrom" and statics.linear_solver == "pcg"
+    eigvecs = inv_minus_one = approx = woodbury = None
+    gram = X @ XT if statics.linear_solver == "direct" else None  # (n, n)
+    if statics.has_cone:
+        xtx = sigma**2 * (XT @ X)
+        sig2, eigvecs = jnp.linalg.eigh(0.5 * (xtx + xtx.T))
+        k = min(n, d)
+        sig2, eigvecs = jnp.maximum(sig2[-k:], 0.0), eigvecs[:, -k:]
+        inv_minus_one = 1.0 / (1.0 + sig2) - 1.0
+        if sketch:
+            whiten = functools.partial(_eigen_update, eigvecs, lax.rsqrt(1.0 + sig2) - 1.0)
+            raw = nystrom.nystrom_sketch(lambda x: whiten(ftf(whiten(x))), key, d, p, statics.rank, X.dtype)
+            approx = nystrom.NystromApprox(whiten(raw.U.transpose(0, 2, 1)).transpose(0, 2, 1), raw.eigvals)
+        if statics.linear_solver == "direct":
+            XQ = X @ eigvecs
+            gram = gram + (XQ * inv_minus_one) @ XQ.T  # X B^{-1} X^T
+    elif sketch:
+        approx = nystrom.nystrom_sketch(ftf, key, d, p, statics.rank, X.dtype)
+    if statics.linear_solver == "direct":
+        M = gram * (Dm @ Dm.T)  # F0 B^{-1} F0^T = sum_i D_i X B^{-1} X^T D_i
+        w, V = jnp.linalg.eigh(0.5 * (M + M.T))
+        woodbury = (jnp.maximum(w, 0.0), V)
+    return _Structure(sigma, eigvecs, inv_minus_one, approx, fty, woodbury)
 
 
 class _State(NamedTuple):
@@ -239,6 +290,8 @@ class _State(NamedTuple):
     a: jax.Array  # (d, C, P) PCG warm start
     rho: jax.Array
     converged: jax.Array
+    finite: jax.Array  # every iterate so far finite
+    best_bound: jax.Array  # largest dual bound so far (each one is a valid lower bound)
     history: dict
 
 
@@ -275,8 +328,12 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
         rtol = floor
     else:
         rtol = jnp.maximum(jnp.maximum(floor, 0.01 * statics.tol), 0.1 / (k + 1.0) ** 2)
-    sol = pcg_lib.pcg(system, precondition, rhs_a, state.a, rtol, statics.pcg_iters)
-    a = sol.x
+    if statics.linear_solver == "direct":
+        a = _direct_solve(st, X, XT, Dm, rhs_a, rho / kappa, statics.has_cone)
+        pcg_iterations = jnp.zeros((), jnp.int32)
+    else:
+        sol = pcg_lib.pcg(system, precondition, rhs_a, state.a, rtol, statics.pcg_iters)
+        a, pcg_iterations = sol.x, sol.iterations
     if statics.has_cone:
         c = _block_inverse(st, rhs_c, True)
         u = jnp.stack([0.5 * (c + a), 0.5 * (c - a)], axis=2)
@@ -323,14 +380,18 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     objective = 0.5 * _sq(pred - Y) + beta * jnp.sum(norms)
     network_objective = 0.5 * _sq(network_pred - Y) + beta * jnp.sum(norms)
 
+    multipliers = None if not statics.has_cone else jnp.maximum(-rho * nu_new, 0.0) * G_rows[:, None, None, :]
+    bound = dual_bound(X, XT, Dm, Y, pred - Y, multipliers, beta)
+
     history = dict(state.history)
     for name, value in (
         ("objective", objective),
+        ("dual_bound", bound),
         ("network_objective", network_objective),
         ("primal_residual", primal),
         ("dual_residual", dual),
         ("constraint_violation", violation),
-        ("pcg_iterations", sol.iterations),
+        ("pcg_iterations", pcg_iterations),
         ("rho", rho),
     ):
         history[name] = history[name].at[k].set(value.astype(history[name].dtype))
@@ -344,12 +405,17 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
         accuracy = jnp.mean((jnp.argmax(scores, axis=1) == yval).astype(dtype))
         history["val_accuracy"] = history["val_accuracy"].at[k].set(accuracy)
 
+    finite = state.finite & jnp.isfinite(objective) & jnp.all(jnp.isfinite(v_new))
+    best_bound = jnp.maximum(state.best_bound, jnp.where(jnp.isfinite(bound), bound, -jnp.inf))
     converged = jnp.asarray(False)
     rho_new = rho
     if statics.tol is not None:
         pri_rel = primal / jnp.maximum(pri_scale, tiny)
         dual_rel = dual / jnp.maximum(dual_scale, tiny)
         converged = (pri_rel <= statics.tol) & (dual_rel <= statics.tol)
+        if statics.gap_tol is not None:
+            gap_rel = (objective - best_bound) / jnp.maximum(jnp.abs(objective), tiny)
+            converged = converged | ((gap_rel <= statics.gap_tol) & (violation <= statics.gap_tol))
         if statics.adapt_rho:
             ratio = jnp.sqrt(pri_rel / jnp.maximum(dual_rel, tiny))
             due = (k + 1 > statics.rho_warmup) & ((k + 1) % 5 == 0)
@@ -363,7 +429,7 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
 
     return _State(
         k=k + 1, u=u, v=v_new, lam=lam_new, s=s_new, nu=nu_new, gts=gts_new, gtnu=gtnu_new, a=a,
-        rho=rho_new, converged=converged, history=history,
+        rho=rho_new, converged=converged, finite=finite, best_bound=best_bound, history=history,
     )
 
 
@@ -387,7 +453,8 @@ def _initial_state(X, Y, Dm, rho, statics: _Statics) -> _State:
         history["val_accuracy"] = jnp.full((statics.admm_iters,), jnp.nan, dtype)
     return _State(
         k=jnp.asarray(0, jnp.int32), u=zeros_w, v=zeros_w, lam=zeros_w, s=s, nu=nu, gts=gts, gtnu=gtnu,
-        a=jnp.zeros((d, C, P), dtype), rho=jnp.asarray(rho, dtype), converged=jnp.asarray(False), history=history,
+        a=jnp.zeros((d, C, P), dtype), rho=jnp.asarray(rho, dtype), converged=jnp.asarray(False),
+        finite=jnp.asarray(True), best_bound=jnp.asarray(-jnp.inf, dtype), history=history,
     )
 
 
@@ -396,14 +463,14 @@ def _solve_impl(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, st
     state = _initial_state(X, Y, Dm, rho, statics)
 
     def cond(state):
-        return (state.k < statics.admm_iters) & ~state.converged
+        return (state.k < statics.admm_iters) & ~state.converged & state.finite
 
     def body(state):
         return _admm_step(state, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics)
 
     state = lax.while_loop(cond, body, state)
     eigvals = st.approx.eigvals if st.approx is not None else jnp.zeros((0,), X.dtype)
-    return state.v, state.k, state.converged, state.rho, state.history, eigvals
+    return state.v, state.k, state.converged & state.finite, state.rho, state.history, eigvals, state.best_bound
 
 
 _COMPILED: dict = {}
@@ -444,6 +511,8 @@ class SolveResult:
       iterations: ADMM iterations run. converged: tolerance met (always False in fixed mode).
       rho: final penalty. compile_seconds / run_seconds: compilation (0 when cached) and execution.
       gates: (d, P) gate vectors if the problem carried them.
+      lower_bound: the largest dual bound over the iterations (history["dual_bound"]): a certified lower
+        bound on the program's optimum, valid whatever the iterate (weak duality); NaN where not computed.
     """
 
     v: jax.Array
@@ -457,7 +526,15 @@ class SolveResult:
     nystrom_eigvals: np.ndarray
     gates: np.ndarray | None
     has_cone: bool
+    lower_bound: float = float("nan")
     _flop_counter: Any = dataclasses.field(repr=False, default=None)
+
+    @property
+    def duality_gap(self) -> float:
+        """Relative gap (final objective - lower_bound) / |final objective|: how far from optimal at most,
+        given the final cone violation (history["constraint_violation"]) is small."""
+        final = float(self.history["objective"][-1])
+        return (final - self.lower_bound) / max(abs(final), np.finfo(np.float64).tiny)
 
     def mlp_weights(self) -> tuple[jax.Array, jax.Array]:
         """Pilanci–Ergen Theorem 1: hidden (C, d, 2P) = v_i / sqrt||v_i||, output (C, 2P) = +-sqrt||.||.
@@ -513,11 +590,53 @@ def _pad_rows(mesh: Mesh | None, *arrays):
     return tuple(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a for a in arrays)
 
 
+def check_validation(validation, problem) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (X_val (m, d) float64, y_val (m,) integer labels) for per-iteration validation accuracy."""
+    d = problem.num_features
+    Xval, yval = np.asarray(validation[0], np.float64), np.asarray(validation[1])
+    if Xval.ndim != 2 or Xval.shape[1] != d:
+        raise ValueError(f"validation X must be (m, {d}); got shape {Xval.shape}.")
+    if yval.shape != (Xval.shape[0],) or not np.issubdtype(yval.dtype, np.integer):
+        raise ValueError(f"validation y must be ({Xval.shape[0]},) integer labels; got {yval.shape} {yval.dtype}.")
+    if problem.num_classes < 2:
+        raise ValueError("validation accuracy needs at least two classes (argmax over class scores).")
+    return Xval, yval
+
+
+def place_rows(mesh: Mesh | None, X, Dm, Y):
+    """Device copies (X, X^T, D, Y, row sharding or None): rows over the mesh's `data` axis when given.
+
+    X^T is stored contiguously: X^T @ Z runs ~1.8x faster than a transposed GEMM on CPU.
+    """
+    XT = np.ascontiguousarray(X.T)
+    if mesh is None:
+        return jnp.asarray(X), jnp.asarray(XT), jnp.asarray(Dm), jnp.asarray(Y), None
+    # GSPMD propagation inside the solve: view the same devices as an Auto-typed mesh.
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    X, Dm, Y = (jax.device_put(a, row_sharding) for a in (X, Dm, Y))
+    return X, jax.device_put(XT, NamedSharding(mesh, PartitionSpec(None, "data"))), Dm, Y, row_sharding
+
+
+def default_config(problem: ConvexReLU | GatedReLU, tol: float = 1e-4, dtype: str = "float32",
+                   max_iters: int = 3000) -> ADMMConfig:
+    """The fast exact path for this problem's shape: tolerance-mode ADMM on unit-spectral-norm data, with the
+    exact Woodbury u-solve up to n = DIRECT_MAX_SAMPLES (one n x n eigendecomposition, then every iteration is
+    a few GEMMs and never inexact) and Nyström PCG beyond."""
+    direct = problem.num_samples <= DIRECT_MAX_SAMPLES
+    return ADMMConfig(tol=tol, admm_iters=max_iters, pcg_iters=50, dtype=dtype,
+                      linear_solver="direct" if direct else "pcg")
+
+
+DIRECT_MAX_SAMPLES = 2048  # n above which the O(n^3) setup of the direct solve costs more than PCG saves
+
+
 def solve(
     problem: ConvexReLU | GatedReLU,
-    config: ADMMConfig = ADMMConfig(),
+    config: Any = None,
     key: jax.Array | None = None,
     *,
+    tol: float | None = None,
     validation: tuple[Any, Any] | None = None,
     mesh: Mesh | None = None,
 ) -> SolveResult:
@@ -525,14 +644,29 @@ def solve(
 
     Args:
       problem: `ConvexReLU` or `GatedReLU`.
-      config: solver settings (defaults: the published fixed-iteration CLD settings).
+      config: solver settings: None (the fast exact path of `default_config(problem, tol)`), an
+        `ADMMConfig` (`ADMMConfig()` is the published fixed 6 x 32 setting), or a `JaxcldConfig`
+        (iterates equal to jaxcld 0.2.4's `admm`).
       key: PRNG key for the Nyström sketch (default `jax.random.key(0)`); same key, same result.
+      tol: tolerance of the default exact path (default 1e-4); with an `ADMMConfig` it replaces `config.tol`.
       validation: optional (X_val, y_val) with integer labels; fills history["val_accuracy"].
       mesh: optional device mesh with a `data` axis; rows of X, D and Y are sharded over it
         (zero rows pad n to a multiple of the axis size, which leaves the program unchanged).
     """
     if not isinstance(problem, (ConvexReLU, GatedReLU)):
         raise TypeError(f"problem must be cronos.ConvexReLU or cronos.GatedReLU, got {type(problem).__name__}.")
+    from cronos import jaxcld_mode  # noqa: PLC0415 (it imports SolveResult from here)
+
+    if isinstance(config, jaxcld_mode.JaxcldConfig):
+        if tol is not None:
+            raise ValueError("JaxcldConfig runs fixed iteration counts; it takes no tol.")
+        return jaxcld_mode.solve_jaxcld(problem, config, key, validation=validation, mesh=mesh)
+    if config is None:
+        config = default_config(problem, 1e-4 if tol is None else tol)
+    elif not isinstance(config, ADMMConfig):
+        raise TypeError(f"config must be None, cronos.ADMMConfig or cronos.JaxcldConfig, got {type(config).__name__}.")
+    elif tol is not None:
+        config = dataclasses.replace(config, tol=tol)
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError('dtype="float64" needs 64-bit JAX: call jax.config.update("jax_enable_x64", True) first.')
     d, P = problem.num_features, problem.num_patterns
@@ -543,57 +677,45 @@ def solve(
         )
     dtype = np.dtype(config.dtype)
     key = jax.random.key(0) if key is None else key
-    X = problem.X.astype(dtype)
+    scale = _data_scale(problem.X) if config.effective_scale_data else 1.0
+    X = (problem.X / scale).astype(dtype)
     Dm = problem.patterns.astype(dtype)
     Y = problem.Y.astype(dtype)
     X, Dm, Y = _pad_rows(mesh, X, Dm, Y)
-    X_host = X  # X^T is stored contiguously: X^T @ Z runs ~1.8x faster than a transposed GEMM on CPU
 
     Xval = yval = Dval = None
     if validation is not None:
-        Xval, yval = np.asarray(validation[0], dtype), np.asarray(validation[1])
-        if Xval.ndim != 2 or Xval.shape[1] != d:
-            raise ValueError(f"validation X must be (m, {d}); got shape {Xval.shape}.")
-        if yval.shape != (Xval.shape[0],) or not np.issubdtype(yval.dtype, np.integer):
-            raise ValueError(f"validation y must be ({Xval.shape[0]},) integer labels; got {yval.shape} {yval.dtype}.")
-        if problem.num_classes < 2:
-            raise ValueError("validation accuracy needs at least two classes (argmax over class scores).")
+        Xval, yval = check_validation(validation, problem)
         if not problem.has_cone:
             if problem.gates is None:
                 raise ValueError("validation of a GatedReLU problem needs its gates: GatedReLU(..., gates=G).")
-            Dval = (Xval @ problem.gates.astype(dtype) >= 0).astype(dtype)
-        Xval, yval = jnp.asarray(Xval), jnp.asarray(yval.astype(np.int32))
+            Dval = (Xval @ problem.gates.astype(np.float64) >= 0).astype(dtype)
+        Xval, yval = jnp.asarray((Xval / scale).astype(dtype)), jnp.asarray(yval.astype(np.int32))
         Dval = None if Dval is None else jnp.asarray(Dval)
 
-    row_sharding = None
-    if mesh is not None:
-        # GSPMD propagation inside the solve: view the same devices as an Auto-typed mesh.
-        mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-        row_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        X, Dm, Y = (jax.device_put(a, row_sharding) for a in (X, Dm, Y))
-        XT = jax.device_put(np.ascontiguousarray(X_host.T), NamedSharding(mesh, PartitionSpec(None, "data")))
-    else:
-        X, Dm, Y = (jnp.asarray(a) for a in (X, Dm, Y))
-        XT = jnp.asarray(np.ascontiguousarray(X_host.T))
+    X, XT, Dm, Y, row_sharding = place_rows(mesh, X, Dm, Y)
 
     statics = _Statics(
         has_cone=problem.has_cone, rank=int(config.rank), admm_iters=int(config.admm_iters),
         pcg_iters=int(config.pcg_iters), tol=config.tol, adapt_rho=bool(config.adapt_rho),
         rho_warmup=int(config.rho_warmup),
         preconditioner=config.preconditioner, relaxation=config.effective_relaxation,
+        linear_solver=config.linear_solver, gap_tol=config.gap_tol,
         with_validation=validation is not None, row_sharding=row_sharding,
     )
-    scalars = tuple(jnp.asarray(x, dtype) for x in (problem.beta, config.effective_rho, config.gamma, config.constraint_scale))
+    sigma = config.constraint_scale
+    scalars = tuple(jnp.asarray(x, dtype) for x in (problem.beta / scale, config.effective_rho, config.gamma, sigma))
     args = (X, XT, Dm, Y) + scalars + (key, Xval, yval, Dval)
     executable, compile_seconds = _compiled(_solve_impl, statics, args)
     start = time.perf_counter()
-    v, k, converged, rho, history, eigvals = executable(*args)
+    v, k, converged, rho, history, eigvals, best_bound = executable(*args)
     jax.block_until_ready(v)
     run_seconds = time.perf_counter() - start
 
     iterations = int(k)
     history = {name: np.asarray(values)[:iterations] for name, values in history.items()}
-    v = jnp.transpose(v, (1, 2, 0, 3))  # (C, H, d, P)
+    _check_finite_iterates(history, v, problem, scale)
+    v = jnp.transpose(v, (1, 2, 0, 3)) / jnp.asarray(scale, dtype)  # (C, H, d, P), back to the unscaled X
 
     def count_flops(pcg_iterations):
         return _count_flops(X, XT, Dm, Y, scalars, key, Xval, yval, Dval, statics, pcg_iterations)
@@ -602,8 +724,42 @@ def solve(
         v=v[:, 0], w=v[:, 1] if problem.has_cone else None, history=history, iterations=iterations,
         converged=bool(converged), rho=float(rho), compile_seconds=compile_seconds, run_seconds=run_seconds,
         nystrom_eigvals=np.asarray(eigvals), gates=problem.gates, has_cone=problem.has_cone,
-        _flop_counter=count_flops,
+        lower_bound=float(best_bound), _flop_counter=count_flops,
     )
+
+
+def _data_scale(X: np.ndarray) -> float:
+    """||X - mean(X)||_2 in float64 (through the smaller Gram matrix); 1 when that is 0.
+
+    The centred norm, not ||X||_2: pooled embeddings share a large mean, whose direction alone would set
+    ||X||_2 (500 against 25 for the next directions on whisper-base embeddings) and leave every other
+    direction tiny after scaling. Dividing by the centred norm keeps I + X^T X well conditioned (the mean
+    direction at a few hundred at most) and the discriminative directions at unit scale.
+    """
+    X = np.asarray(X, np.float64)
+    X = X - X.mean(axis=0)
+    gram = X.T @ X if X.shape[0] >= X.shape[1] else X @ X.T
+    top = float(np.sqrt(max(np.linalg.eigvalsh(gram)[-1], 0.0)))
+    return top if top > 0 else 1.0
+
+
+class NonFiniteIterateError(FloatingPointError):
+    """A solve produced a NaN or infinite iterate; its weights are never returned."""
+
+
+def _check_finite_iterates(history: dict, v, problem, scale: float) -> None:
+    """Raises NonFiniteIterateError when the solve left NaN/inf in the weights or the objective."""
+    objective = history["objective"]
+    bad = np.flatnonzero(~np.isfinite(objective))
+    if bad.size == 0 and bool(np.all(np.isfinite(np.asarray(v)))):
+        return
+    where = f"at ADMM iteration {int(bad[0]) + 1}" if bad.size else "in the final weights"
+    norms = np.linalg.norm(problem.X, axis=1)
+    raise NonFiniteIterateError(
+        f"the solve produced non-finite values {where} (row norms of X: median {np.median(norms):.3g}, "
+        f"max {norms.max():.3g}; X was divided by {scale:.3g}). The weights are unusable and were not "
+        "returned. Centre or standardise the inputs, solve in tolerance mode (which scales X), or use "
+        'linear_solver="direct" / dtype="float64".')
 
 
 def _setup_only(X, XT, Dm, Y, sigma, key, statics):

@@ -207,6 +207,40 @@ def features_times_patterns(XT: jax.Array, Dm: jax.Array, r: jax.Array) -> jax.A
     return (XT @ masked).reshape(-1, c, p)
 
 
+def dual_bound(X: jax.Array, XT: jax.Array, Dm: jax.Array, Y: jax.Array, residual: jax.Array, cone_terms, beta) -> jax.Array:
+    """A lower bound on the program's optimum (summed over classes) from a residual and cone multipliers.
+
+    The Lagrange dual of the convex ReLU program is, per class,
+
+        max_{lam, mu >= 0, xi >= 0}  -1/2 ||lam||^2 - lam^T y
+        s.t. ||X^T (D_i lam - (2D_i - I) mu_i)|| <= beta,  ||X^T (-D_i lam - (2D_i - I) xi_i)|| <= beta,
+
+    (gated ReLU: ||X^T D_i lam|| <= beta). The constraints are homogeneous, so lam = the residual F u - y
+    and any multipliers, scaled by any t in [0, beta / max_i ||.||], are feasible;
+    the best such t has a closed form, and weak duality makes its value a certified lower bound on the
+    optimum whatever the inputs (at a primal-dual solution it equals the optimum).
+
+    residual: (n, C) F u - y. cone_terms: (n, C, 2, P) (2D_i - I) mu_i and (2D_i - I) xi_i with
+    mu, xi >= 0 (any scale of the cone rows included), or None for gated ReLU.
+    """
+    n, C = residual.shape
+    P = Dm.shape[1]
+    masked = residual[:, :, None] * Dm[:, None, :]  # (n, C, P)
+    if cone_terms is None:
+        terms = masked[:, :, None]
+    else:
+        terms = jnp.stack([masked, -masked], axis=2) - cone_terms
+    H = terms.shape[2]
+    norms = jnp.sqrt(jnp.sum(jnp.square((XT @ terms.reshape(n, C * H * P)).reshape(-1, C, H * P)), axis=0))
+    largest = jnp.max(norms, axis=1)  # (C,)
+    tiny = jnp.finfo(residual.dtype).tiny
+    t_max = beta / jnp.maximum(largest, tiny)
+    sq = jnp.sum(residual * residual, axis=0)
+    lin = jnp.sum(residual * Y, axis=0)
+    t = jnp.clip(-lin / jnp.maximum(sq, tiny), 0.0, t_max)
+    return jnp.sum(-0.5 * t * t * sq - t * lin)
+
+
 def group_soft_threshold(z: jax.Array, threshold) -> jax.Array:
     """Prox of threshold * sum ||z_i||_2 over columns of axis 0 (each (c, half, p) is one group)."""
     norms = jnp.sqrt(jnp.sum(z * z, axis=0, keepdims=True))

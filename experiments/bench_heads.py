@@ -64,6 +64,7 @@ def define_flags():
     flags.DEFINE_string("output", "experiments/results/bench_heads.md", "Markdown report to write.")
     flags.DEFINE_integer("nn_epochs", 100, "Epochs of the NN head (its final count in the time-to-target search).")
     flags.DEFINE_integer("rounds", 3, "Timed rounds of the time-to-target comparison (heads alternated).")
+    report.define_compilation_cache_flag()
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -344,7 +345,10 @@ def render(ctx: dict) -> str:
               "executable): " + "; ".join(
                   f"{h} first fit {v[0]:.2f} s" + (f", the other {len(v) - 1} fits median {np.median(v[1:]):.2f} s "
                                                    f"(max {max(v[1:]):.2f})" if len(v) > 1 else "")
-                  for h, v in compiles.items() if v) + ".",
+                  for h, v in compiles.items() if v) + ". " + (
+                  f"JAX's persistent compilation cache was on (`{ctx['compilation_cache']}`): shapes compiled by an "
+                  "earlier run are loaded, not compiled (`--compilation_cache_dir=` measures cold compiles)."
+                  if ctx.get("compilation_cache") else "JAX's persistent compilation cache was off."),
               "", "## Embedding statistics (all clips)", "",
               "| pooling | mean L2 norm | per-feature std across clips: min / median / max "
               "| median over features of abs(mean) / std |",
@@ -381,6 +385,7 @@ def render(ctx: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    compilation_cache = report.enable_compilation_cache()
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     seeds = [int(s) for s in FLAGS.data_seeds]
     if not seeds or FLAGS.rounds < 1 or FLAGS.nn_epochs < 1:
@@ -459,7 +464,7 @@ def main(argv):
                      "heldout": len(heldout.examples)},
            "n_valid": len(valid.examples), "split_note": split_note, "nn_epochs": FLAGS.nn_epochs, "winner": winner,
            "best": best,
-           "records": records, "whisper": whisper, "timing": timing}
+           "records": records, "whisper": whisper, "timing": timing, "compilation_cache": compilation_cache}
     report.write_markdown(FLAGS.output, render(ctx))
 
 

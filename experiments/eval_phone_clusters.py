@@ -36,6 +36,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the encoder (random:small).")
 _KMEANS_SEEDS = flags.DEFINE_list("kmeans_seeds", ["0", "1", "2"], "K-means seeds (at least 3: results get a spread).")
 _TAIL = flags.DEFINE_float("tail_fraction", 0.2, "Rare-phone tail: this fraction of the least frequent phones.")
 _RESULTS = flags.DEFINE_string("results_md", "outputs/phone_clusters.md", "Markdown table output.")
+report.define_compilation_cache_flag()
 
 METRICS = ("pnmi", "phone_purity", "cluster_purity", "rare_purity")
 
@@ -110,6 +111,7 @@ def load_projectors(paths: list[str], heldout: list[str]) -> list[tuple[str, dic
 
 def main(argv):
     del argv
+    report.enable_compilation_cache()
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     seeds = [int(s) for s in _KMEANS_SEEDS.value]
     if len(seeds) < 3 or len(set(seeds)) != len(seeds):

@@ -94,6 +94,7 @@ def table(points: list[dict], base: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report.enable_compilation_cache()  # --compilation_cache_dir, defined with train_cld's flags
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     base = train_cld.config_from_flags()
     output = train_cld._OUTPUT.value

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import cld
+from experiments import cld, report
+
 _RANK = flags.DEFINE_integer("rank", 20, "Nyström sketch rank.")
 _NEURON = flags.DEFINE_integer("neuron", 64, "Activation patterns P (the network has 2P hidden units).")
 _BETA = flags.DEFINE_float("beta", 1e-3, "Group-lasso strength.")
-_RHO = flags.DEFINE_float("rho", 0.1, "ADMM penalty.")
+_RHO = flags.DEFINE_float("rho", None, "ADMM penalty (default: 0.1, the published value, in fixed mode; cronos.default_config's with --tol).")
 _GAMMA = flags.DEFINE_float("gamma_ratio", 1.0, "ADMM dual step.")
 _ADMM_ITERS = flags.DEFINE_integer("admm_iters", 6, "ADMM iterations (maximum when --tol is set).")
 _PCG_ITERS = flags.DEFINE_integer("pcg_iters", 32, "PCG iterations per ADMM step (maximum).")
@@ -48,6 +49,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Encoder batch size.")
 _EPOCHS = flags.DEFINE_integer("nn_epochs", 50, "Epochs of the NN head.")
 _MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the `data` mesh axis (-1: all, 0: no mesh).")
 _MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices on the `model` mesh axis (encoder heads/MLP).")
+report.define_compilation_cache_flag()
 
 
 
@@ -67,6 +69,7 @@ def config_from_flags() -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    report.enable_compilation_cache()
     metrics = cld.run(config_from_flags(), _OUTPUT.value, _CACHE.value)
     print(cld.summary(metrics) + f"; wrote {_OUTPUT.value}")
 

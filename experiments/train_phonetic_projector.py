@@ -33,10 +33,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "SupCon temperature.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the encoder (random:small); eval_phone_clusters' --seed must match.")
 _TRAIN_SEED = flags.DEFINE_integer("train_seed", 0, "Seed of the projector's initialisation, batches and dropout.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
+report.define_compilation_cache_flag()
 
 
 def main(argv):
     del argv
+    report.enable_compilation_cache()
     features, labels, sources, identity = phone_spans.manifest_features(_MANIFEST.value, _ENCODER.value, _LAYER.value,
                                                                         _CACHE.value, seed=_SEED.value)
     train = ~phone_spans.split_by_source(sources, _HELDOUT.value)

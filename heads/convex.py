@@ -6,6 +6,8 @@ Class-c score = relu(x @ W1[c]) @ w2[c] with W1 (C, d, 2P), w2 (C, 2P) from `Sol
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 
@@ -33,14 +35,16 @@ class ConvexReLUHead(Head):
     forward = staticmethod(convex_relu_logits)
 
     @classmethod
-    def fit(cls, embeddings, labels, languages, *, n_patterns: int = 64, beta: float = 1e-3, rho: float = 0.1,
+    def fit(cls, embeddings, labels, languages, *, n_patterns: int = 64, beta: float = 1e-3, rho: float | None = None,
             rank: int = 20, admm_iters: int = 6, pcg_iters: int = 32, gamma: float = 1.0, tol: float | None = None,
             seed: int = 1024, mesh=None, encoder: str | None = None, pooling: str = "mean",
             validation=None, input_norm: str = "none") -> "ConvexReLUHead":
         """Fits on (n, d) pooled embeddings; labels are ints 0..C-1 in sorted-language order or ISO codes.
 
-        Defaults are the published CLD settings (P = 64 patterns, 6 ADMM x 32 PCG iterations). `seed`
-        draws the activation patterns and the Nyström sketch; `tol` and `mesh` go to `cronos.solve`.
+        Defaults are the published CLD settings (P = 64 patterns, 6 ADMM x 32 PCG iterations, rho 0.1). With
+        `tol`, the fast exact path `cronos.default_config` runs instead (at most `admm_iters` iterations; rho
+        None = its default). `seed` draws the activation patterns and the Nyström sketch; `mesh` goes to
+        `cronos.solve`.
         `validation=(embeddings, labels)` records the validation accuracy of every ADMM iteration in
         `train_info["val_accuracy_history"]`. `input_norm` ("none", "center", "standardize") stores training
         statistics in the head and applies them to every input (see `heads.base.input_statistics`).
@@ -53,7 +57,12 @@ class ConvexReLUHead(Head):
         pattern_key, sketch_key = jax.random.split(jax.random.key(seed))
         patterns = cronos.sample_patterns(pattern_key, x, n_patterns)
         problem = cronos.ConvexReLU(x, y, patterns=np.asarray(patterns), beta=beta)
-        config = cronos.ADMMConfig(rho=rho, rank=rank, admm_iters=admm_iters, pcg_iters=pcg_iters, gamma=gamma, tol=tol)
+        if tol is None:  # the published fixed iteration
+            config = cronos.ADMMConfig(rho=0.1 if rho is None else rho, rank=rank, admm_iters=admm_iters,
+                                       pcg_iters=pcg_iters, gamma=gamma)
+        else:  # the fast exact path, at most admm_iters iterations
+            config = dataclasses.replace(cronos.default_config(problem, tol, max_iters=admm_iters), rho=rho,
+                                         rank=rank, pcg_iters=pcg_iters, gamma=gamma)
         if validation is not None:
             validation = (normalize_inputs(stats, check_embeddings(validation[0], x.shape[1])),
                           encode_labels(validation[1], languages, len(validation[0])))

@@ -73,7 +73,14 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def write_head(directory: str, tensors: dict[str, np.ndarray], metadata: dict) -> None:
     """Writes `tensors` to directory/head.safetensors and `metadata` to directory/head.json, each atomically;
-    head.json records the weights' SHA-256, so a pair left mismatched by a kill between the two is refused."""
+    head.json records the weights' SHA-256, so a pair left mismatched by a kill between the two is refused.
+    Non-finite weights are refused (nothing is written)."""
+    for name, value in tensors.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            raise ValueError(f"refusing to save {directory}: weight {name!r} holds {bad} NaN or infinite values of "
+                             f"{value.size}; the training that produced it diverged (retrain, e.g. with centred inputs).")
     os.makedirs(directory, exist_ok=True)
     header = {"languages": ",".join(metadata["languages"])} if "languages" in metadata else None  # label order
     weights = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=header)

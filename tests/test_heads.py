@@ -330,3 +330,30 @@ def test_atomic_write_keeps_the_old_file_when_killed_before_the_rename(tmp_path,
     assert json.loads(path.read_text()) == {"run": 1}  # the old file, whole
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "train_config.json"]
     assert all(name.endswith(".tmp") for name in leftovers)  # the new bytes only ever went to a temporary file
+
+
+@pytest.mark.parametrize("kind", ["convex", "nn", "linear"])
+def test_non_finite_weights_are_never_saved(fitted, tmp_path, kind):
+    """A diverged training (NaN weights) must not leave a head on disk (issue 16: a NaN w2 was saved silently)."""
+    head = fitted[2][kind]
+    name = next(k for k, v in head.params.items() if np.issubdtype(np.asarray(v).dtype, np.floating) and np.asarray(v).size)
+    broken = np.array(head.params[name], copy=True)
+    broken.flat[0] = np.nan
+    bad = type(head)(head.params | {name: broken}, head.metadata)
+    path = tmp_path / "h"
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bad.save(str(path))
+    assert not path.exists() or not any(path.iterdir())
+
+
+def test_convex_head_tolerance_mode_on_large_norm_embeddings_is_finite_and_accurate():
+    """Tolerance mode on raw (uncentred, large-norm) embeddings: finite weights, same accuracy as a linear probe."""
+    rng = np.random.default_rng(5)
+    X, y = _data(classes=3)
+    raw = X * 20.0 + rng.standard_normal(X.shape[1]) * 400.0  # a shared mean of norm ~ 400 * sqrt(d)
+    head = ConvexReLUHead.fit(raw, y, languages=["en", "hi", "zh"], n_patterns=8, rank=8, seed=3, tol=1e-3,
+                              admm_iters=300)
+    assert np.isfinite(head.params["W1"]).all() and np.isfinite(head.params["w2"]).all()
+    from sklearn.linear_model import LogisticRegression
+    reference = LogisticRegression(max_iter=5000).fit(raw, y).score(raw, y)
+    assert np.mean(head.predict(raw) == y) >= reference - 0.05
