@@ -24,8 +24,6 @@ directions), standing in for mean-pooled speech-encoder embeddings, which cannot
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -51,7 +49,8 @@ _ADAM_SIZES = flags.DEFINE_list("adam_sizes", ["2000", "20000"], "Sizes for the 
 _ADAM_SECONDS = flags.DEFINE_float("adam_max_seconds", 600.0, "Cap on the Adam baseline's training time.")
 _VAL = flags.DEFINE_integer("val_size", 2000, "Validation samples.")
 _OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_cronos.md", "Markdown table to write.")
-_WORKER = flags.DEFINE_enum("worker", None, ["cronos", "jaxcld", "adam", "gemm"],
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of the jaxcld comparison; the solvers' order alternates per round.")
+_WORKER = flags.DEFINE_enum("worker", None, ["cronos", "jaxcld_mode", "jaxcld", "adam", "gemm"],
                             "Internal: run one solver.")
 _DATA = flags.DEFINE_string("data", None, "Internal: npz with the problem.")
 _RESULT = flags.DEFINE_string("result", None, "Internal: npz/json to write.")
@@ -76,6 +75,20 @@ def _worker_cronos(data, out):
     np.savez(out, v=np.asarray(result.v), w=np.asarray(result.w), wall=wall, compile=result.compile_seconds,
              run=result.run_seconds, flops=flops["total"], val_accuracy=accuracy,
              pcg=result.history["pcg_iterations"])
+
+
+def _worker_jaxcld_mode(data, out):
+    """cronos's jaxcld-compatible mode (`cronos.JaxcldConfig`), with jaxcld's seed."""
+    import jax
+    import cronos
+    start = time.perf_counter()
+    problem = cronos.ConvexReLU(data["X"], data["y"], patterns=data["D"], beta=float(data["beta"]))
+    config = cronos.JaxcldConfig(rank=RANK, admm_iters=ADMM_ITERS, pcg_iters=PCG_ITERS, rho=RHO, gamma=GAMMA)
+    result = cronos.solve(problem, config, key=jax.random.PRNGKey(0))
+    wall = time.perf_counter() - start
+    accuracy = float(np.mean(np.asarray(result.predict(data["Xval"])) == data["yval"]))
+    np.savez(out, v=np.asarray(result.v), w=np.asarray(result.w), wall=wall, compile=result.compile_seconds,
+             run=result.run_seconds, val_accuracy=accuracy)
 
 
 def _worker_jaxcld(data, out):
@@ -181,6 +194,8 @@ def main(argv):
         data = None if _DATA.value is None else np.load(_DATA.value)
         if _WORKER.value == "cronos":
             _worker_cronos(data, _RESULT.value)
+        elif _WORKER.value == "jaxcld_mode":
+            _worker_jaxcld_mode(data, _RESULT.value)
         elif _WORKER.value == "jaxcld":
             _worker_jaxcld(data, _RESULT.value)
         elif _WORKER.value == "adam":
@@ -224,27 +239,35 @@ def _run_fixed(tmp, sections):
         data_path = os.path.join(tmp, f"data_{n}.npz")
         np.savez(data_path, X=X, y=y, D=D, Xval=Xval, yval=yval, beta=_BETA.value, P=_PATTERNS.value)
         problem = cronos.ConvexReLU(X, y, patterns=D, beta=_BETA.value)
-        ours_path = os.path.join(tmp, f"cronos_{n}.npz")
-        _spawn("cronos", data_path, ours_path)
-        ours = np.load(ours_path)
-        row = {"n": n, "cronos_wall": float(ours["wall"]), "cronos_compile": float(ours["compile"]),
+        solvers = ["cronos"] + (["jaxcld_mode", "jaxcld"] if _JAXCLD.value and "jaxcld" in sections else [])
+        runs = {name: [] for name in solvers}
+        for round_index in range(_ROUNDS.value if "jaxcld" in sections else 1):
+            for name in solvers if round_index % 2 == 0 else solvers[::-1]:
+                path = os.path.join(tmp, f"{name}_{n}_{round_index}.npz")
+                _spawn(name, data_path, path)
+                runs[name].append(dict(np.load(path)))
+                print(f"n={n} round {round_index + 1}: {name} {float(runs[name][-1]['wall']):.2f}s", flush=True)
+        ours = runs["cronos"][0]
+        row = {"n": n, "rounds": len(runs["cronos"]), "cronos_walls": [float(r["wall"]) for r in runs["cronos"]],
+               "cronos_compile": [float(r["compile"]) for r in runs["cronos"]],
                "cronos_run": float(ours["run"]), "cronos_objective": cronos.objective(problem, ours["v"], ours["w"]),
                "cronos_val": float(ours["val_accuracy"]), "flops": float(ours["flops"]),
                "pcg": int(ours["pcg"].sum())}
+        row["cronos_wall"] = float(np.median(row["cronos_walls"]))
         if gemm is not None:
             row.update(gemm_solve=gemm[f"solve_{n}"], gemm_square=gemm["square_4096"])
         row["gflops"] = row["flops"] / row["cronos_run"] / 1e9
-        print(f"n={n}: cronos {row['cronos_wall']:.2f}s (compile {row['cronos_compile']:.2f}s) "
-              f"objective {row['cronos_objective']:.5g} val {row['cronos_val']:.4f} {row['gflops']:.1f} GFLOP/s",
-              flush=True)
-        if _JAXCLD.value and "jaxcld" in sections:
-            ref_path = os.path.join(tmp, f"jaxcld_{n}.npz")
-            _spawn("jaxcld", data_path, ref_path)
-            ref = np.load(ref_path)
-            row.update(jaxcld_wall=float(ref["wall"]), jaxcld_objective=cronos.objective(problem, ref["v"], ref["w"]),
-                       jaxcld_val=float(ref["val_accuracy"]))
-            print(f"n={n}: jaxcld {row['jaxcld_wall']:.2f}s objective {row['jaxcld_objective']:.5g} "
-                  f"val {row['jaxcld_val']:.4f}", flush=True)
+        if "jaxcld" in runs:
+            ref, mode = runs["jaxcld"][0], runs["jaxcld_mode"][0]
+            reference = np.concatenate([ref["v"], ref["w"]], axis=-1)
+            reproduced = np.concatenate([mode["v"], mode["w"]], axis=-1)
+            row.update(
+                jaxcld_walls=[float(r["wall"]) for r in runs["jaxcld"]],
+                mode_walls=[float(r["wall"]) for r in runs["jaxcld_mode"]],
+                jaxcld_objective=cronos.objective(problem, ref["v"], ref["w"]), jaxcld_val=float(ref["val_accuracy"]),
+                mode_objective=cronos.objective(problem, mode["v"], mode["w"]), mode_val=float(mode["val_accuracy"]),
+                mode_difference=float(np.linalg.norm(reproduced - reference) / np.linalg.norm(reference)))
+        print(f"n={n}: {json.dumps({k: v for k, v in row.items() if not isinstance(v, list)})}", flush=True)
         rows.append(row)
         if n in adam_sizes:
             adam_path = os.path.join(tmp, f"adam_{n}.json")
@@ -261,8 +284,7 @@ def _write_report(sections, rows, adam_rows, gemm, load_before, load_after):
     lines = [
         "# cronos benchmark",
         "",
-        f"Generated by `python -m experiments.bench_cronos` on {datetime.date.today()}.",
-        f"Machine: {report.machine(*extras)}. Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}.",
+        f"Load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; {', '.join(extras)}.",
         "",
     ]
     if "jaxcld" in sections or "adam" in sections:
@@ -283,26 +305,32 @@ def _write_report(sections, rows, adam_rows, gemm, load_before, load_after):
     report.write_markdown(_OUTPUT.value, "\n".join(lines))
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "(version unknown)"
-
-
 def _fixed_lines(rows):
+    rounds = rows[0]["rounds"] if rows else 0
     lines = [
         "## cronos vs jaxcld 0.2.4",
         "",
-        "| n | jaxcld wall (s) | cronos wall (s) | cronos compile / run (s) | speed-up | jaxcld objective | cronos objective | objective ratio | jaxcld val acc | cronos val acc |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"{rounds} rounds per size, each solver in a fresh process per round, the order of the three alternating "
+        "from round to round; walls are median (min-max) over the rounds, speed-ups are ratios within a round, "
+        "median (min-max). 'jaxcld mode' is `cronos.solve(problem, cronos.JaxcldConfig(...), key)`, the "
+        "reimplementation of jaxcld's own iterates; 'difference' is ||(v, w) - jaxcld's|| / ||jaxcld's|| (round 1; "
+        "every solver is deterministic). Objectives and validation accuracies are round 1's.",
+        "",
+        "| n | jaxcld wall (s) | cronos wall (s) | cronos compile (s) | speed-up | jaxcld mode wall (s) | jaxcld mode speed-up "
+        "| jaxcld objective | cronos objective | jaxcld mode objective | jaxcld mode difference | jaxcld val acc | cronos val acc "
+        "| jaxcld mode val acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "jaxcld_wall" in r:
+        if "jaxcld_walls" in r:
+            speed = [j / c for j, c in zip(r["jaxcld_walls"], r["cronos_walls"])]
+            mode_speed = [j / m for j, m in zip(r["jaxcld_walls"], r["mode_walls"])]
             lines.append(
-                f"| {r['n']} | {r['jaxcld_wall']:.2f} | {r['cronos_wall']:.2f} | {r['cronos_compile']:.2f} / {r['cronos_run']:.2f} "
-                f"| {r['jaxcld_wall'] / r['cronos_wall']:.1f}x | {r['jaxcld_objective']:.5g} | {r['cronos_objective']:.5g} "
-                f"| {r['cronos_objective'] / r['jaxcld_objective']:.4f} | {r['jaxcld_val']:.4f} | {r['cronos_val']:.4f} |")
+                f"| {r['n']} | {report.median_range(r['jaxcld_walls'])} | {report.median_range(r['cronos_walls'])} "
+                f"| {report.median_range(r['cronos_compile'])} | {report.median_range(speed, 1)}x "
+                f"| {report.median_range(r['mode_walls'])} | {report.median_range(mode_speed, 1)}x "
+                f"| {r['jaxcld_objective']:.5g} | {r['cronos_objective']:.5g} | {r['mode_objective']:.5g} "
+                f"| {r['mode_difference']:.1e} | {r['jaxcld_val']:.4f} | {r['cronos_val']:.4f} | {r['mode_val']:.4f} |")
     lines += [
         "",
         "## Counted FLOPs and achieved rate",
