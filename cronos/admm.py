@@ -71,7 +71,7 @@ class ADMMConfig:
 
     Attributes:
       rho: ADMM penalty (initial value when adapted). None means 0.1 (the published value) in fixed
-        mode and 0.01 in tolerance mode (on unit-spectral-norm data; the best of 1e-3 ... 0.1 on the n ~ d
+        mode and 0.01 in tolerance mode (on the scaled data of `scale_data`; the best of 1e-3 ... 0.1 on the n ~ d
         problems of issue 16, synthetic and real whisper-base embeddings).
       rank: Nyström sketch rank r.
       admm_iters: ADMM iterations (a maximum when `tol` is set).
@@ -96,8 +96,8 @@ class ADMMConfig:
         rho costs nothing; for n up to a few thousand, where it is faster and never inexact).
       scale_data: solve the equivalent program with X / s and beta / s, s = ||X - mean(X)||_2 (weights
         rescaled back; the objective is unchanged), which keeps I + X^T X representable in float32
-        whatever the scale of the embeddings (unscaled, real whisper-base embeddings made it diverge). None means True in tolerance mode and False in fixed mode (the published
-        iteration).
+        whatever the scale of the embeddings (unscaled, real whisper-base embeddings made it diverge).
+        None means True in tolerance mode and False in fixed mode (the published iteration).
       gap_tol: also stop once the relative duality gap (objective - best dual bound) / objective and the
         relative cone violation are both <= gap_tol (tolerance mode only). The dual bound
         (`cronos.problems.dual_bound`) is recorded every iteration either way.
@@ -159,7 +159,7 @@ class ADMMConfig:
 
     @property
     def effective_scale_data(self) -> bool:
-        """Whether X is scaled to unit spectral norm: `scale_data`, or True in tolerance mode when None."""
+        """Whether X is divided by its centred spectral norm: `scale_data`, or True in tolerance mode when None."""
         return (self.tol is not None) if self.scale_data is None else bool(self.scale_data)
 
     @property
@@ -381,7 +381,7 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     network_objective = 0.5 * _sq(network_pred - Y) + beta * jnp.sum(norms)
 
     multipliers = None if not statics.has_cone else jnp.maximum(-rho * nu_new, 0.0) * G_rows[:, None, None, :]
-    bound = dual_bound(X, XT, Dm, Y, pred - Y, multipliers, beta)
+    bound = dual_bound(XT, Dm, Y, pred - Y, multipliers, beta)
 
     history = dict(state.history)
     for name, value in (
@@ -618,17 +618,17 @@ def place_rows(mesh: Mesh | None, X, Dm, Y):
     return X, jax.device_put(XT, NamedSharding(mesh, PartitionSpec(None, "data"))), Dm, Y, row_sharding
 
 
+DIRECT_MAX_SAMPLES = 2048  # n above which the O(n^3) setup of the direct solve costs more than PCG saves
+
+
 def default_config(problem: ConvexReLU | GatedReLU, tol: float = 1e-4, dtype: str = "float32",
                    max_iters: int = 3000) -> ADMMConfig:
-    """The fast exact path for this problem's shape: tolerance-mode ADMM on unit-spectral-norm data, with the
+    """The fast exact path for this problem's shape: tolerance-mode ADMM on scaled data (`scale_data`), with the
     exact Woodbury u-solve up to n = DIRECT_MAX_SAMPLES (one n x n eigendecomposition, then every iteration is
     a few GEMMs and never inexact) and Nyström PCG beyond."""
     direct = problem.num_samples <= DIRECT_MAX_SAMPLES
     return ADMMConfig(tol=tol, admm_iters=max_iters, pcg_iters=50, dtype=dtype,
                       linear_solver="direct" if direct else "pcg")
-
-
-DIRECT_MAX_SAMPLES = 2048  # n above which the O(n^3) setup of the direct solve costs more than PCG saves
 
 
 def solve(
@@ -703,8 +703,8 @@ def solve(
         linear_solver=config.linear_solver, gap_tol=config.gap_tol,
         with_validation=validation is not None, row_sharding=row_sharding,
     )
-    sigma = config.constraint_scale
-    scalars = tuple(jnp.asarray(x, dtype) for x in (problem.beta / scale, config.effective_rho, config.gamma, sigma))
+    scalars = tuple(jnp.asarray(x, dtype) for x in (problem.beta / scale, config.effective_rho, config.gamma,
+                                                    config.constraint_scale))
     args = (X, XT, Dm, Y) + scalars + (key, Xval, yval, Dval)
     executable, compile_seconds = _compiled(_solve_impl, statics, args)
     start = time.perf_counter()

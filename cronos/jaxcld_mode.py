@@ -215,7 +215,7 @@ def _step(carry: _Carry, X, XT, Dm, Y, b1, U, S, beta, rho, gamma, Xval, yval, p
     record = {
         "objective": 0.5 * _sq(pred - Y) + reg,
         "network_objective": 0.5 * _sq(jnp.sum(relu[:, :, 0] - relu[:, :, 1], axis=-1) - Y) + reg,
-        "dual_bound": dual_bound(X, XT, Dm, Y, pred - Y, jnp.maximum(-rho * nu_new, 0.0) * E[:, None, None, :], beta),
+        "dual_bound": dual_bound(XT, Dm, Y, pred - Y, jnp.maximum(-rho * nu_new, 0.0) * E[:, None, None, :], beta),
         "primal_residual": jnp.sqrt(_sq(u - v_new) + _sq(Gu - s_new)),
         "dual_residual": rho * jnp.sqrt(_sq(v_new - v + gts_new - carry.gts)),
         "constraint_violation": jnp.sqrt(_sq(jnp.minimum(Gv, 0.0))) / jnp.maximum(jnp.sqrt(_sq(Gv)), jnp.finfo(_DTYPE).tiny),

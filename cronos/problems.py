@@ -207,7 +207,7 @@ def features_times_patterns(XT: jax.Array, Dm: jax.Array, r: jax.Array) -> jax.A
     return (XT @ masked).reshape(-1, c, p)
 
 
-def dual_bound(X: jax.Array, XT: jax.Array, Dm: jax.Array, Y: jax.Array, residual: jax.Array, cone_terms, beta) -> jax.Array:
+def dual_bound(XT: jax.Array, Dm: jax.Array, Y: jax.Array, residual: jax.Array, cone_terms, beta) -> jax.Array:
     """A lower bound on the program's optimum (summed over classes) from a residual and cone multipliers.
 
     The Lagrange dual of the convex ReLU program is, per class,

@@ -62,33 +62,25 @@ RHO, RANK, ADMM_ITERS, PCG_ITERS, GAMMA = 0.1, 20, 6, 32, 1.0  # the published C
 # ------------------------------------------------------------------------------------------------ workers
 
 
-def _worker_cronos(data, out):
+def _worker_cronos(data, out, jaxcld_mode: bool):
+    """cronos at the published settings: fixed mode (`ADMMConfig`, with its counted FLOPs) or the
+    jaxcld-compatible mode (`JaxcldConfig`, with jaxcld's seed)."""
     import jax
     import cronos
     start = time.perf_counter()
     problem = cronos.ConvexReLU(data["X"], data["y"], patterns=data["D"], beta=float(data["beta"]))
-    config = cronos.ADMMConfig(rho=RHO, rank=RANK, admm_iters=ADMM_ITERS, pcg_iters=PCG_ITERS, gamma=GAMMA)
-    result = cronos.solve(problem, config, key=jax.random.key(0))
+    if jaxcld_mode:
+        config = cronos.JaxcldConfig(rank=RANK, admm_iters=ADMM_ITERS, pcg_iters=PCG_ITERS, rho=RHO, gamma=GAMMA)
+        key = jax.random.PRNGKey(0)
+    else:
+        config = cronos.ADMMConfig(rho=RHO, rank=RANK, admm_iters=ADMM_ITERS, pcg_iters=PCG_ITERS, gamma=GAMMA)
+        key = jax.random.key(0)
+    result = cronos.solve(problem, config, key=key)
     wall = time.perf_counter() - start
     accuracy = float(np.mean(np.asarray(result.predict(data["Xval"])) == data["yval"]))
-    flops = result.flops
+    extra = {} if jaxcld_mode else {"flops": result.flops["total"], "pcg": result.history["pcg_iterations"]}
     np.savez(out, v=np.asarray(result.v), w=np.asarray(result.w), wall=wall, compile=result.compile_seconds,
-             run=result.run_seconds, flops=flops["total"], val_accuracy=accuracy,
-             pcg=result.history["pcg_iterations"])
-
-
-def _worker_jaxcld_mode(data, out):
-    """cronos's jaxcld-compatible mode (`cronos.JaxcldConfig`), with jaxcld's seed."""
-    import jax
-    import cronos
-    start = time.perf_counter()
-    problem = cronos.ConvexReLU(data["X"], data["y"], patterns=data["D"], beta=float(data["beta"]))
-    config = cronos.JaxcldConfig(rank=RANK, admm_iters=ADMM_ITERS, pcg_iters=PCG_ITERS, rho=RHO, gamma=GAMMA)
-    result = cronos.solve(problem, config, key=jax.random.PRNGKey(0))
-    wall = time.perf_counter() - start
-    accuracy = float(np.mean(np.asarray(result.predict(data["Xval"])) == data["yval"]))
-    np.savez(out, v=np.asarray(result.v), w=np.asarray(result.w), wall=wall, compile=result.compile_seconds,
-             run=result.run_seconds, val_accuracy=accuracy)
+             run=result.run_seconds, val_accuracy=accuracy, **extra)
 
 
 def _worker_jaxcld(data, out):
@@ -192,10 +184,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKER.value:
         data = None if _DATA.value is None else np.load(_DATA.value)
-        if _WORKER.value == "cronos":
-            _worker_cronos(data, _RESULT.value)
-        elif _WORKER.value == "jaxcld_mode":
-            _worker_jaxcld_mode(data, _RESULT.value)
+        if _WORKER.value in ("cronos", "jaxcld_mode"):
+            _worker_cronos(data, _RESULT.value, jaxcld_mode=_WORKER.value == "jaxcld_mode")
         elif _WORKER.value == "jaxcld":
             _worker_jaxcld(data, _RESULT.value)
         elif _WORKER.value == "adam":

@@ -28,6 +28,7 @@ of the two-layer ReLU network the weights define (honest when cone constraints a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -227,7 +228,7 @@ def _plot(rows: list[dict], path: str) -> None:
     ax.set_title("Time to pyscnn's final objective (one run, this machine)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     report.atomic_write_bytes(path, buffer.getvalue())
     print(f"wrote {path}")

@@ -7,7 +7,6 @@ Class-c score = relu(x @ W1[c]) @ w2[c] with W1 (C, d, 2P), w2 (C, 2P) from `Sol
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 
