@@ -49,7 +49,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cronos import nystrom, pcg as pcg_lib
+from cronos import nystrom
+from cronos import pcg as pcg_lib
 from cronos.problems import (
     ConvexReLU,
     GatedReLU,

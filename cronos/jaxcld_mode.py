@@ -44,7 +44,14 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 from jax.sharding import Mesh
 
-from cronos.admm import SolveResult, _compiled, _flops_of, _pad_rows, check_validation, place_rows
+from cronos.admm import (
+    SolveResult,
+    _compiled,
+    _flops_of,
+    _pad_rows,
+    check_validation,
+    place_rows,
+)
 from cronos.problems import ConvexReLU, GatedReLU, dual_bound, features_times_patterns
 
 __all__ = ["JaxcldConfig", "solve_jaxcld"]

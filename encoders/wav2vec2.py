@@ -12,7 +12,15 @@ from flax import nnx
 
 from encoders import loading
 from encoders.audio import SAMPLE_RATE, normalize  # noqa: F401  (normalize re-exported: wav2vec2.normalize)
-from encoders.layers import Attention, Conv1d, Dense, JittedEncoder, LayerNorm, activation, run_layers
+from encoders.layers import (
+    Attention,
+    Conv1d,
+    Dense,
+    JittedEncoder,
+    LayerNorm,
+    activation,
+    run_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,15 @@ from flax import nnx
 
 from encoders import loading
 from encoders.audio import log_mel_spectrogram  # noqa: F401  (re-exported: whisper.log_mel_spectrogram)
-from encoders.layers import Attention, Conv1d, Dense, JittedEncoder, LayerNorm, activation, run_layers
+from encoders.layers import (
+    Attention,
+    Conv1d,
+    Dense,
+    JittedEncoder,
+    LayerNorm,
+    activation,
+    run_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)

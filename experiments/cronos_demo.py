@@ -19,7 +19,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import cronos
-from experiments.report import atomic_write_text, define_compilation_cache_flag, enable_compilation_cache
+from experiments.lib.report import (
+    atomic_write_text,
+    define_compilation_cache_flag,
+    enable_compilation_cache,
+)
 
 _PATTERNS = flags.DEFINE_integer("n_patterns", 64, "Activation patterns P (2P hidden units).")
 _BETA = flags.DEFINE_float("beta", 1e-3, "Group-lasso strength.")

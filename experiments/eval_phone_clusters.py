@@ -20,7 +20,8 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from experiments import phone_spans, report
+from encoders import phone_spans
+from experiments.lib import report
 from heads import clustering, supcon
 
 _MANIFEST = flags.DEFINE_string("manifest", "outputs/phone_corpus/manifest.jsonl", "Phone-span JSONL manifest.")

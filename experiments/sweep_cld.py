@@ -23,7 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import cld, report, train_cld  # noqa: E402  (train_cld defines the shared flags)
+from experiments import train_cld
+from experiments.lib import (
+    cld,
+    report,  # noqa: E402  (train_cld defines the shared flags)
+)
 
 _SWEEP = flags.DEFINE_list("sweep_samples_per_class", ["4", "8", "16", "32", "64", "96"],
                            "Training clips per language; values above the available clips use all of them.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import cld, report
+from experiments.lib import cld, report
 
 _RANK = flags.DEFINE_integer("rank", 20, "Nyström sketch rank.")
 _NEURON = flags.DEFINE_integer("neuron", 64, "Activation patterns P (the network has 2P hidden units).")

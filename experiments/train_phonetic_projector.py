@@ -14,7 +14,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from experiments import phone_spans, report
+from encoders import phone_spans
+from experiments.lib import report
 from heads import supcon
 
 _MANIFEST = flags.DEFINE_string("manifest", "outputs/phone_corpus/manifest.jsonl", "Phone-span JSONL manifest.")

@@ -17,7 +17,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from heads import io
-from heads.base import Head, check_embeddings, check_languages, encode_labels, input_statistics, normalize_inputs
+from heads.base import (
+    Head,
+    check_embeddings,
+    check_languages,
+    encode_labels,
+    input_statistics,
+    normalize_inputs,
+)
 
 __all__ = ["LinearHead", "NNHead", "linear_logits"]
 

@@ -15,8 +15,15 @@ import numpy as np
 
 import cronos
 from heads import legacy
-from heads.base import (PUBLISHED_LANGUAGES, Head, check_embeddings, check_languages, encode_labels, input_statistics,
-                        normalize_inputs)
+from heads.base import (
+    PUBLISHED_LANGUAGES,
+    Head,
+    check_embeddings,
+    check_languages,
+    encode_labels,
+    input_statistics,
+    normalize_inputs,
+)
 
 __all__ = ["ConvexReLUHead", "convex_relu_logits"]
 

@@ -83,7 +83,7 @@ from sklearn.cluster import KMeans
 from heads import clustering
 rng = np.random.default_rng(1); c = rng.standard_normal((10, 6)) * 8
 x = (c[rng.integers(0, 10, 1001)] + rng.standard_normal((1001, 6))).astype(np.float32)
-from encoders.sharding import create_mesh; mesh = create_mesh(4)
+from encoders.runtime import create_mesh; mesh = create_mesh(4)
 ours = clustering.kmeans(x, k=10, n_init=4, mesh=mesh)
 ref = KMeans(n_clusters=10, n_init=4, random_state=0).fit(x)
 assert ours.assignments.shape == (1001,), ours.assignments.shape

@@ -11,10 +11,10 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from reference import cvxpy_optimum
 from sklearn.metrics import accuracy_score
 
 import cronos
-from reference import cvxpy_optimum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from reference import cvxpy_optimum
 from sklearn.base import clone, is_classifier
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
@@ -22,7 +23,6 @@ from sklearn.utils.validation import check_is_fitted
 
 import cronos
 from cronos import estimator as estimator_module
-from reference import cvxpy_optimum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
@@ -388,7 +388,8 @@ _BINARY_FLAG = textwrap.dedent("""
     import json, sys
     import jax
     from absl import flags
-    from experiments import report, train_cld  # train_cld defines the flag; a second definition is a no-op
+    from experiments import train_cld
+    from experiments.lib import report  # train_cld defines the flag; a second definition is a no-op
     report.define_compilation_cache_flag()
     flags.FLAGS(["binary", *sys.argv[1:]])
     print(json.dumps({"returned": report.enable_compilation_cache(), "jax": jax.config.jax_compilation_cache_dir}))

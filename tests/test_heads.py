@@ -10,13 +10,13 @@ import types
 import jax
 import numpy as np
 import pytest
+from reference import cvxpy_optimum
 from sklearn.linear_model import LogisticRegression
 
 import cronos
 import heads.baselines
 from heads import ConvexReLUHead, LinearHead, NNHead, load_head
 from heads.legacy import RefusedGlobalError, convert, load_legacy_pickle
-from reference import cvxpy_optimum
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LEGACY_PKL = os.path.join(FIXTURES, "jaxcld_cvx_relu_mlp.pkl")

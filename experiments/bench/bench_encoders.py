@@ -7,7 +7,7 @@ of `--iters` steady-state calls. Frameworks alternate over `--repeats` (>= 3)
 rounds, and each speed-up is a same-round ratio, reported as the median over
 rounds with its spread. Writes a markdown table to `--out`.
 
-  python -m experiments.bench_encoders
+  python -m experiments.bench.bench_encoders
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from experiments import report
+from experiments.lib import report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["whisper_small", "xlsr_300m"], "Models to benchmark.")
@@ -118,7 +118,7 @@ def run_worker(spec: str) -> dict:
 
 def run_subprocess(model: str, framework: str) -> dict:
     """Runs one measurement in a fresh Python process and returns its result."""
-    cmd = [sys.executable, "-m", "experiments.bench_encoders", f"--worker={model}:{framework}",
+    cmd = [sys.executable, "-m", "experiments.bench.bench_encoders", f"--worker={model}:{framework}",
            f"--batch={FLAGS.batch}", f"--xlsr_seconds={FLAGS.xlsr_seconds}", f"--iters={FLAGS.iters}",
            f"--dtype={FLAGS.dtype}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,6 +1,6 @@
 """CLD-routed Whisper ASR against Whisper's own language detection: accuracy, WER and CER per language and accent.
 
-    python -m experiments.benchmark_cld --flagfile=experiments/configs/benchmark_cld.flags
+    python -m experiments.bench.benchmark_cld --flagfile=experiments/configs/benchmark_cld.flags
 
 Every clip is encoded once. On the same encoder states each detector picks a language: Whisper itself
 (unrestricted, over all its languages, and restricted to `--languages`), every head in `--heads`
@@ -23,7 +23,7 @@ import os
 
 from absl import app, flags, logging
 
-from experiments import report
+from experiments.lib import report
 
 WHISPER_DETECTORS = ("whisper_unrestricted", "whisper_restricted")
 
@@ -31,11 +31,12 @@ WHISPER_DETECTORS = ("whisper_unrestricted", "whisper_restricted")
 def select_splits(dataset_spec: str, languages: list[str], data_seed: int, splits: list[str],
                   max_examples: int | None) -> dict:
     """{split: examples}: `test` as train_cld splits it (held-out accents excluded) and/or `accent_shift`."""
-    from experiments import cld, cld_data
+    from encoders import input_pipeline
+    from experiments.lib import cld
 
     ds = cld.load_dataset(dataset_spec, languages)
-    _, _, test = cld_data.split(ds, data_seed=data_seed)
-    available = {"test": test.examples, "accent_shift": cld_data.heldout_accent_test(ds).examples}
+    _, _, test = input_pipeline.split(ds, data_seed=data_seed)
+    available = {"test": test.examples, "accent_shift": input_pipeline.heldout_accent_test(ds).examples}
     unknown = sorted(set(splits) - set(available))
     if unknown:
         raise ValueError(f"--splits: unknown {unknown}; use test and/or accent_shift")
@@ -85,9 +86,10 @@ def read_records(path: str) -> dict:
 
 def predict_batch(model, heads: dict, batch, languages: list[str]) -> list[dict]:
     """Detections of every detector and one transcript per distinct chosen language, per clip."""
-    from experiments import cld, cld_data
+    from encoders import input_pipeline
+    from experiments.lib import cld
 
-    encoded = model.encode([cld_data.read_audio(e) for e in batch])
+    encoded = model.encode([input_pipeline.read_audio(e) for e in batch])
     codes = list(model.decodable_languages)
     logprobs = model.language_logprobs(encoded, codes)
     detections = [dict(oracle=e.lang) for e in batch]
@@ -140,7 +142,7 @@ def error_rate(block: dict, language: str | None) -> str:
 
 def markdown(results: dict, config: dict) -> str:
     """The committed tables: per split, detectors x (overall, per language, per accent)."""
-    from experiments import report as rep
+    from experiments.lib import report as rep
 
     detectors = config["detectors"]
     lines = [f"# CLD-routed ASR on {config['encoder']}: detection accuracy and error rate", "",

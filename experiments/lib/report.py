@@ -17,7 +17,7 @@ import time
 
 from absl import flags
 
-from heads.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one atomic writer, used as report.*)
+from encoders.runtime import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one atomic writer, used as report.*)
 
 COMPILATION_CACHE_FLAG = "compilation_cache_dir"
 

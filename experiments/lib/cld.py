@@ -1,7 +1,7 @@
 """CLD training library: encoder loading, data, heads, evaluation and model cards (no flags).
 
 `experiments.train_cld` (one run), `experiments.sweep_cld` (low-resource sweep) and
-`experiments.bench_heads` (head comparison) are thin absl binaries over these functions.
+`experiments.bench.bench_heads` (head comparison) are thin absl binaries over these functions.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import cld_data, embeddings, report
+from encoders import extraction, input_pipeline
+from experiments.lib import report
+
+# The shipped espeak-ng corpus (`--dataset=embedded`): data beside the binaries, never inside a package.
+EMBEDDED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tts_corpus",
+                               "manifest.jsonl")
 
 
 def load_encoder(spec: str, seed: int = 0):
@@ -183,7 +188,7 @@ def summary(metrics: dict) -> str:
 def make_mesh(data: int, model: int):
     """(data, model) device mesh over the first data * model devices (data < 0: as many as fit); None when it
     would hold a single device (or data == 0)."""
-    from encoders import sharding
+    from encoders import runtime
 
     data = jax.device_count() // model if data < 0 else data
     if data == 0 or data * model <= 1:
@@ -191,17 +196,17 @@ def make_mesh(data: int, model: int):
     if data * model > jax.device_count():
         raise ValueError(f"--mesh_data={data} x --mesh_model={model} needs {data * model} devices, but "
                          f"{jax.device_count()} are available: lower them (or --mesh_data=-1 to use all)")
-    return sharding.create_mesh(data, model, devices=jax.devices()[: data * model])
+    return runtime.create_mesh(data, model, devices=jax.devices()[: data * model])
 
 
 def load_dataset(spec: str, languages: list[str]):
     """The embedded corpus, a manifest file, or a Hugging Face dataset directory, filtered to `languages`."""
     if spec == "embedded":
-        return cld_data.load_manifest(cld_data.DEFAULT_CORPUS, languages=languages)
+        return input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=languages)
     if os.path.isfile(spec):
-        return cld_data.load_manifest(spec, languages=languages)
+        return input_pipeline.load_manifest(spec, languages=languages)
     if os.path.isdir(spec):
-        return cld_data.load_hf_dataset(spec, languages=languages)
+        return input_pipeline.load_hf_dataset(spec, languages=languages)
     raise ValueError(f"--dataset={spec} is neither 'embedded', a manifest file nor a saved Hugging Face dataset directory.")
 
 
@@ -232,12 +237,12 @@ def embed_dataset(cfg: dict, examples: list, cache_dir: str, mesh) -> tuple[dict
     pooling = cfg.get("pooling") or default_pooling
     detector = load_detector(cfg["encoder"])
     if detector is None:
-        X, _ = embeddings.extract(encoder, examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
+        X, _ = extraction.extract(encoder, examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
                                   pooling=pooling, mesh=mesh)
         return {"X": np.asarray(X, np.float32)}, pooling, encoder_id, None
     decoder, tokens = detector
     codes = sorted(tokens.lang_to_id)
-    features = embeddings.extract_whisper(
+    features = extraction.extract_whisper(
         encoder, decoder, examples, sot=tokens.sot, language_ids=[tokens.lang_to_id[c] for c in codes],
         cache_dir=cache_dir, batch_size=cfg["batch_size"], mesh=mesh)
     return {"X": features[pooling], "lang_logprobs": features["lang_logprobs"]}, pooling, encoder_id, codes
@@ -251,13 +256,13 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     """
     languages = cfg["languages"]
     dataset = load_dataset(cfg["dataset"], languages)
-    train, valid, test = cld_data.split(dataset, data_seed=cfg["data_seed"])
-    parts = {"train": train, "valid": valid, "test": test, "accent_shift": cld_data.heldout_accent_test(dataset)}
+    train, valid, test = input_pipeline.split(dataset, data_seed=cfg["data_seed"])
+    parts = {"train": train, "valid": valid, "test": test, "accent_shift": input_pipeline.heldout_accent_test(dataset)}
     for name in ("train", "valid", "test"):
         if not parts[name].examples:
             raise ValueError(f"the {name} split of {cfg['dataset']} is empty; the data needs clips in train, valid and test.")
     if cfg["samples_per_class"]:
-        parts["train"] = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"],
+        parts["train"] = input_pipeline.subsample_per_class(train, samples_per_class=cfg["samples_per_class"],
                                                       data_seed=cfg["data_seed"], take_all=True)
     mesh = make_mesh(cfg["mesh_data"], cfg["mesh_model"])
     used = [e for part in parts.values() for e in part.examples]  # the cache is per clip: other runs reuse rows

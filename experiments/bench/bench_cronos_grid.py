@@ -1,8 +1,8 @@
 """Regime grid: cronos's default exact path against pyscnn's augmented Lagrangian, one table from one run.
 
     pip install --no-deps pyscnn linalg_backends
-    python -m experiments.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid.flags
-    python -m experiments.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid_quick.flags  # smoke run
+    python -m experiments.bench.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid.flags
+    python -m experiments.bench.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid_quick.flags  # smoke run
 
 Cells (`--cells`) are `n:d:C:separation:dtype` synthetic problems (`bench_cronos.make_data`: power-law
 spectrum, class means `separation` apart along 8 directions) or `real:n`: n clips of real whisper-base
@@ -40,8 +40,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import report
-from experiments.cronos_problems import make_data, pyscnn_to_cronos_layout, run_pyscnn
+from experiments.bench.problems import make_data, pyscnn_to_cronos_layout, run_pyscnn
+from experiments.lib import report
 
 _CELLS = flags.DEFINE_list("cells", ["200:768:2:0.1:float32", "2000:768:2:0.1:float32", "real:480"],
                            "Cells: n:d:C:separation:dtype (synthetic) or real:n (whisper-base embeddings).")
@@ -84,7 +84,7 @@ def _worker_cronos(data, out, iters):
 
 
 def _spawn(worker: str, data_path: str, result_path: str, *extra: str) -> None:
-    command = [sys.executable, "-m", "experiments.bench_cronos_grid", f"--worker={worker}", f"--data={data_path}",
+    command = [sys.executable, "-m", "experiments.bench.bench_cronos_grid", f"--worker={worker}", f"--data={data_path}",
                f"--result={result_path}", f"--pyscnn_tol={_PYSCNN_TOL.value!r}",
                f"--pyscnn_max_seconds={_PYSCNN_MAX_SECONDS.value!r}", *extra]
     out = subprocess.run(command, capture_output=True, text=True)
@@ -108,7 +108,7 @@ def _parse_cell(spec: str) -> dict:
 
 def _real_embeddings(n: int) -> tuple[np.ndarray, np.ndarray]:
     """n clips (a fixed random subset) of whisper-base mean-pooled embeddings of the embedded corpus."""
-    from experiments import cld
+    from experiments.lib import cld
     dataset = cld.load_dataset("embedded", REAL_LANGUAGES)
     if n > len(dataset):
         raise app.UsageError(f"real:{n} asks for more clips than the embedded corpus has ({len(dataset)}).")
@@ -129,6 +129,7 @@ def _cell_data(cell: dict):
 
 def _run_cell(tmp: str, index: int, cell: dict) -> dict:
     import jax
+
     import cronos
     X, y = _cell_data(cell)
     n, d = X.shape

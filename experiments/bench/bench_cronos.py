@@ -1,7 +1,7 @@
 """Benchmark cronos against jaxcld 0.2.4 and an optax-Adam-trained ReLU MLP; writes a markdown report.
 
     pip install --no-deps jaxcld==0.2.4             # the published reference solver (pure JAX)
-    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos.flags          # jaxcld, adam
+    python -m experiments.bench.bench_cronos --flagfile=experiments/configs/bench_cronos.flags          # jaxcld, adam
 
 The comparison with pyscnn is `experiments/bench_cronos_grid.py` (a regime grid). Sections (`--sections`,
 any of jaxcld, adam):
@@ -34,8 +34,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import report
-from experiments.cronos_problems import make_data
+from experiments.bench.problems import make_data
+from experiments.lib import report
 
 SECTIONS = ("jaxcld", "adam")
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS),
@@ -66,6 +66,7 @@ def _worker_cronos(data, out, jaxcld_mode: bool):
     """cronos at the published settings: fixed mode (`ADMMConfig`, with its counted FLOPs) or the
     jaxcld-compatible mode (`JaxcldConfig`, with jaxcld's seed)."""
     import jax
+
     import cronos
     start = time.perf_counter()
     problem = cronos.ConvexReLU(data["X"], data["y"], patterns=data["D"], beta=float(data["beta"]))
@@ -171,7 +172,7 @@ def _timed(fn) -> float:
 
 
 def _spawn(worker: str, data_path: str | None, result_path: str, *extra: str) -> None:
-    command = [sys.executable, "-m", "experiments.bench_cronos", f"--worker={worker}", f"--result={result_path}"]
+    command = [sys.executable, "-m", "experiments.bench.bench_cronos", f"--worker={worker}", f"--result={result_path}"]
     if data_path:
         command.append(f"--data={data_path}")
     out = subprocess.run(command + list(extra), capture_output=True, text=True)
@@ -211,6 +212,7 @@ def main(argv):
 def _run_fixed(tmp, sections):
     """The published fixed-settings runs: cronos (and jaxcld) per size, the GEMM reference, Adam."""
     import jax
+
     import cronos
 
     sizes = [int(s) for s in _SIZES.value]

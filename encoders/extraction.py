@@ -32,12 +32,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from encoders.audio import CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, normalize
+from encoders import runtime
+from encoders.audio import (
+    CHUNK_SECONDS,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    normalize,
+)
+from encoders.input_pipeline import Example, audio_pipeline
 from encoders.pooling import masked_mean_pool, mean_pool, whisper_frame_mask
-from encoders.sharding import shard_model
+from encoders.runtime import shard_model
 from encoders.whisper import WhisperEncoder
-from experiments import report
-from experiments.cld_data import Example, audio_pipeline
 
 POOLINGS = ("mean", "masked_mean")
 
@@ -174,12 +180,12 @@ def cached_rows(cache_dir: str, spec: dict, items: Sequence, keys: Sequence[str]
         name = f"shard_{hashlib.sha256(''.join(keys[i] for i in shard).encode()).hexdigest()[:16]}.npy"
         buffer = io.BytesIO()
         np.save(buffer, rows)
-        report.atomic_write_bytes(os.path.join(directory, name), buffer.getvalue())
+        runtime.atomic_write_bytes(os.path.join(directory, name), buffer.getvalue())
         offset = 0
         for i in shard:
             index[keys[i]] = [name, offset, counts[i]]
             offset += counts[i]
-        report.atomic_write_text(index_path, json.dumps({"spec": spec, "items": index}))
+        runtime.atomic_write_text(index_path, json.dumps({"spec": spec, "items": index}))
         if on_shard is not None:
             on_shard(min(start + shard_size, len(missing)))
     bar.close()

@@ -1,6 +1,6 @@
 """CLD input data: manifests and saved Hugging Face datasets -> examples -> splits -> 16 kHz audio batches.
 
-    ds = load_manifest(DEFAULT_CORPUS, languages=["en", "zh"], on_unknown_language="drop")
+    ds = load_manifest("corpus/manifest.jsonl", languages=["en", "zh"], on_unknown_language="drop")
     train, valid, test = split(ds, data_seed=0)
     train = subsample_per_class(train, samples_per_class=100, data_seed=0)
     for batch in audio_pipeline(train.examples, batch_size=8): ...   # {"audio", "lengths", "ids", "valid"}
@@ -30,7 +30,6 @@ from absl import logging
 
 from encoders.audio import prepare_audio, validate_audio
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_corpus", "manifest.jsonl")
 SPLITS = ("train", "valid", "test")
 _AUDIO_COLUMNS = ("audio", "audio_path", "path")
 
@@ -161,7 +160,7 @@ def _as_bool(value) -> bool:
     return value is True or str(value).strip().lower() in ("1", "true", "yes")
 
 
-def load_manifest(path: str = DEFAULT_CORPUS, languages: Sequence[str] | None = None,
+def load_manifest(path: str, languages: Sequence[str] | None = None,
                   on_unknown_language: str = "error") -> Dataset:
     """Loads a JSONL or CSV manifest of audio files (paths relative to the manifest).
 
