@@ -1,62 +1,74 @@
-"""Pooled utterance embeddings of a frozen encoder, batched, jit-compiled, cached on disk and resumable.
+"""Pooled utterance embeddings of a frozen encoder, batched, jit-compiled, cached on disk, resumable and
+multi-process.
 
     X, ids = extract(encoder, examples, cache_dir="outputs/embeddings", batch_size=8)   # (n, d) float32
 
-Whisper: log-mel -> encoder -> `mean` over all 1500 frames (the CLD convention) or `masked_mean` over
-the frames of real audio. wav2vec2 / XLS-R / MMS: `normalize` -> encoder (with the sample mask) ->
-`masked_mean` over real frames (default) or `mean`. Every batch has `batch_size` rows (the last one is
-filled with repeats that are dropped) and one padded length, so the forward compiles once. Before any
-encoding, `check_clip_lengths` refuses clips over Whisper's 30 s window or under one wav2vec2 frame.
+Encoders follow one protocol (`PooledEncoder`, implemented by `WhisperEncoder` and `Wav2Vec2Encoder`): a host
+`front_end` (Whisper log-mel, wav2vec2 normalisation), `encode(inputs, sample_mask)`, `frame_mask`,
+`check_lengths`, a `default_pooling` ("mean" over all 1500 Whisper frames, the CLD convention; "masked_mean" over
+real wav2vec2 frames) and `input_samples` (Whisper's fixed 30 s window, or None: pad to the longest clip). Every
+batch has `batch_size` rows (the last one filled with repeats that are dropped) and one padded length, so the
+forward compiles once. Before any encoding, `check_clip_lengths` refuses clips the encoder cannot embed whole.
 
-Cache: `cache_dir/<key>/` holds `shard_XXXXXX.npy` files of `shard_batches` batches each and
-`index.json` listing the finished shards; both are written to a temporary file and renamed
-(`os.replace`), so a killed run leaves only whole shards and a restart computes only the missing ones.
-The key hashes the encoder class, config and a weight fingerprint, the pooling, padding, batch and
-shard sizes, and the ids and sources of the examples, so a different encoder or input never reuses it.
+Several processes: `batch_size` is the global batch, split over the mesh's `data` axis; each process decodes
+only its own rows of every batch (`input_pipeline.audio_pipeline`), the forward runs on the global mesh, and the
+pooled rows are gathered on every process. Process 0 alone reads and writes the cache; what it holds is
+broadcast, so hosts need not share a file system.
+
+Cache: `cache_dir/<key>/` holds `shard_XXXXXX.npy` files of `shard_batches` batches each and `index.json`
+listing the finished items; both are written atomically, so a killed run leaves only whole shards and a restart
+computes only the missing ones. The key hashes the encoder class, config and a weight fingerprint, the pooling
+and padding, so a different encoder or input never reuses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from encoders import runtime
 from encoders.audio import (
-    CHUNK_SECONDS,
     N_SAMPLES,
-    SAMPLE_RATE,
-    log_mel_spectrogram,
-    normalize,
 )
 from encoders.input_pipeline import Example, audio_pipeline
-from encoders.pooling import masked_mean_pool, mean_pool, whisper_frame_mask
-from encoders.runtime import shard_model
-from encoders.whisper import WhisperEncoder
+from encoders.pooling import masked_mean_pool, mean_pool
 
 POOLINGS = ("mean", "masked_mean")
 
 
+class PooledEncoder(Protocol):
+    """What extraction needs of an encoder (see the module docstring)."""
+
+    config: Any
+    default_pooling: str
+    input_samples: int | None
+
+    def front_end(self, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray: ...
+
+    def encode(self, inputs, sample_mask): ...
+
+    def frame_mask(self, sample_mask, num_frames: int | None = None): ...
+
+    def check_lengths(self, sample_lengths, names=None) -> None: ...
+
+
 def _forward(encoder, inputs, sample_mask, pooling: str):
     """Encoder hidden states pooled to (B, d) float32."""
-    if isinstance(encoder, WhisperEncoder):
-        hidden = encoder(inputs)
-        frame_mask = whisper_frame_mask(sample_mask.sum(-1), hidden.shape[1])
-    else:
-        hidden = encoder(inputs, attention_mask=sample_mask)
-        frame_mask = encoder.frame_mask(sample_mask, hidden.shape[1])
-    return mean_pool(hidden) if pooling == "mean" else masked_mean_pool(hidden, frame_mask)
+    hidden = encoder.encode(inputs, sample_mask)
+    if pooling == "mean":
+        return mean_pool(hidden)
+    return masked_mean_pool(hidden, encoder.frame_mask(sample_mask, hidden.shape[1]))
 
 
 _jit_forward = nnx.jit(_forward, static_argnames="pooling")
@@ -70,15 +82,8 @@ def _whisper_features(encoder, decoder, mel, sample_mask, sot, language_ids):
     hidden = encoder(mel)
     logits = decoder(jnp.full((mel.shape[0], 1), sot, jnp.int32), hidden)[:, 0]
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, language_ids]
-    frame_mask = whisper_frame_mask(sample_mask.sum(-1), hidden.shape[1])
+    frame_mask = encoder.frame_mask(sample_mask, hidden.shape[1])
     return jnp.concatenate([mean_pool(hidden), masked_mean_pool(hidden, frame_mask), logprobs], axis=-1)
-
-
-def _encoder_inputs(encoder, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray:
-    """Host front end: Whisper log-mel, or wav2vec2 normalisation over real samples."""
-    if isinstance(encoder, WhisperEncoder):
-        return log_mel_spectrogram(audio, n_mels=encoder.config.num_mel_bins)
-    return normalize(audio, sample_mask)
 
 
 def _fingerprint(encoder) -> str:
@@ -113,38 +118,61 @@ def example_keys(examples: Sequence[Example]) -> list[str]:
     return keys
 
 
-def check_clip_lengths(encoder, examples: Sequence[Example]) -> None:
-    """Raises ValueError, before any encoding, for clips `encoder` cannot embed whole: over Whisper's 30 s window,
-    or shorter than one wav2vec2 frame. Lengths are the examples' `num_samples`, recorded by the `cld_data`
-    loaders when they decode every clip, so the check reads no audio."""
-    if not isinstance(encoder, WhisperEncoder):
-        encoder.check_lengths([e.num_samples for e in examples], [f"clip {e.id!r}" for e in examples])
-        return
-    long = [f"{e.id!r} ({e.num_samples / SAMPLE_RATE:.2f} s)" for e in examples if e.num_samples > N_SAMPLES]
-    if long:
-        raise ValueError(f"{len(long)} clip(s) longer than Whisper's {CHUNK_SECONDS} s window: {', '.join(long[:10])}"
-                         f"{', ...' if len(long) > 10 else ''}; trim or split them into clips of at most "
-                         f"{CHUNK_SECONDS} s before embedding them")
+def check_clip_lengths(encoder: PooledEncoder, examples: Sequence[Example]) -> None:
+    """Raises ValueError, before any encoding, for clips `encoder` cannot embed whole (over Whisper's 30 s window,
+    under one wav2vec2 frame). Lengths are the examples' `num_samples`, recorded by the `input_pipeline` loaders
+    when they decode every clip, so the check reads no audio."""
+    encoder.check_lengths([e.num_samples for e in examples], [f"clip {e.id!r}" for e in examples])
 
 
-def encoder_batches(encoder, examples: Sequence[Example], batch_size: int, pad_to: int,
+def encoder_batches(encoder: PooledEncoder, examples: Sequence[Example], batch_size: int, pad_to: int,
                     mesh: jax.sharding.Mesh | None = None):
-    """Yields (batch, (inputs, sample_mask)) of fixed shape for `examples`, the inputs placed on `mesh`'s
-    `data` axis when given (run the forward under `jax.set_mesh(mesh)`)."""
-    sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec("data"))
+    """Yields (batch, (inputs, sample_mask)) of fixed shape for `examples`. `batch` is this process's share of a
+    global batch of `batch_size` rows (all of it on one process); with `mesh`, the inputs are global arrays
+    split over the `batch` rule's axis (run the forward under `runtime.mesh_context(mesh)`) and
+    `batch_rows(batch, mesh)` gives the matching global "index" and "valid"."""
     for batch in audio_pipeline(examples, batch_size, pad_to=pad_to, fill_last_batch=True):
         mask = np.arange(pad_to)[None, :] < batch["lengths"][:, None]
-        inputs = (_encoder_inputs(encoder, batch["audio"], mask), mask)
-        yield batch, inputs if sharding is None else jax.device_put(inputs, sharding)
+        inputs = (encoder.front_end(batch["audio"], mask), mask)
+        if mesh is not None:
+            inputs = tuple(runtime.global_rows(x, mesh, batch_size, ("batch",) + (None,) * (x.ndim - 1))
+                           for x in inputs)
+        yield batch, inputs
+
+
+def batch_rows(batch: dict, mesh: jax.sharding.Mesh | None, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index, valid) of every row of the global batch, in the row order of the forward's output."""
+    if mesh is None:
+        return batch["index"], batch["valid"]
+    index = runtime.global_rows(np.where(batch["valid"], batch["index"], -1), mesh, batch_size, ("batch",))
+    index = runtime.to_host(index)
+    return index, index >= 0
 
 
 def prepare_mesh(encoder, mesh: jax.sharding.Mesh | None, batch_size: int) -> None:
-    """Places `encoder` on `mesh` (in place) after checking that batches split over its `data` axis."""
+    """Places `encoder` on `mesh` (in place) after checking that batches split over its `batch` axis."""
     if mesh is None:
         return
-    if batch_size % mesh.shape["data"]:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the mesh's data axis ({mesh.shape['data']})")
-    shard_model(encoder, mesh)
+    shards = runtime.data_shards(mesh, dict(runtime.active_rules())["batch"] or "data")
+    if batch_size % shards:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} devices the mesh splits "
+                         "batches over; choose a multiple")
+    runtime.shard_model(encoder, mesh)
+
+
+def pooled_rows(forward: Callable, encoder: PooledEncoder, examples: Sequence[Example], batch_size: int,
+                pad_to: int, mesh, update: Callable[[int], None], select=None) -> list:
+    """Runs `forward(batch, inputs, sample_mask)` over every batch of `examples` and returns its host output rows
+    per example, in order (`select(row, example)` post-processes one example's row; default: the row itself)."""
+    out: list = [None] * len(examples)
+    for batch, inputs in encoder_batches(encoder, examples, batch_size, pad_to, mesh):
+        with runtime.mesh_context(mesh):
+            rows = runtime.to_host(forward(batch, *inputs))
+        index, valid = batch_rows(batch, mesh, batch_size)
+        for row, k in zip(rows[valid], index[valid]):
+            out[k] = row if select is None else select(row, examples[k])
+        update(int(valid.sum()))
+    return out
 
 
 def cached_rows(cache_dir: str, spec: dict, items: Sequence, keys: Sequence[str], shard_size: int,
@@ -161,42 +189,52 @@ def cached_rows(cache_dir: str, spec: dict, items: Sequence, keys: Sequence[str]
     """
     if len(set(keys)) != len(keys) or len(keys) != len(items):
         raise ValueError("cache keys must be unique, one per item")
+    writer = runtime.is_writer()  # process 0 alone reads and writes the cache; the others follow its decisions
     counts = list(rows_per_item) if rows_per_item is not None else [1] * len(items)
     directory = os.path.join(cache_dir, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20])
-    os.makedirs(directory, exist_ok=True)
     index_path = os.path.join(directory, "index.json")
     index = {}
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)["items"]
-    missing = [i for i, k in enumerate(keys) if k not in index]
+    if writer:
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                index = json.load(f)["items"]
+    is_missing = runtime.broadcast_from_writer(np.array([k not in index for k in keys], bool))
+    missing = [i for i in range(len(keys)) if is_missing[i]]
     bar = tqdm(total=len(items), initial=len(items) - len(missing), unit="clip",
-               desc=f"{desc} {os.path.basename(directory)}", disable=not progress)
+               desc=f"{desc} {os.path.basename(directory)}", disable=not (progress and writer))
     for start in range(0, len(missing), shard_size):
         shard = missing[start:start + shard_size]
-        rows = compute([items[i] for i in shard], bar.update)
+        rows = np.asarray(compute([items[i] for i in shard], bar.update), np.float32)
         if rows.shape[0] != sum(counts[i] for i in shard):
             raise RuntimeError(f"compute returned {rows.shape[0]} rows for {sum(counts[i] for i in shard)} expected")
-        name = f"shard_{hashlib.sha256(''.join(keys[i] for i in shard).encode()).hexdigest()[:16]}.npy"
-        buffer = io.BytesIO()
-        np.save(buffer, rows)
-        runtime.atomic_write_bytes(os.path.join(directory, name), buffer.getvalue())
-        offset = 0
-        for i in shard:
-            index[keys[i]] = [name, offset, counts[i]]
-            offset += counts[i]
-        runtime.atomic_write_text(index_path, json.dumps({"spec": spec, "items": index}))
-        if on_shard is not None:
-            on_shard(min(start + shard_size, len(missing)))
+        if writer:
+            name = f"shard_{hashlib.sha256(''.join(keys[i] for i in shard).encode()).hexdigest()[:16]}.npy"
+            buffer = io.BytesIO()
+            np.save(buffer, rows)
+            runtime.atomic_write_bytes(os.path.join(directory, name), buffer.getvalue())
+            offset = 0
+            for i in shard:
+                index[keys[i]] = [name, offset, counts[i]]
+                offset += counts[i]
+            runtime.atomic_write_text(index_path, json.dumps({"spec": spec, "items": index}))
+            if on_shard is not None:
+                on_shard(min(start + shard_size, len(missing)))
     bar.close()
-    files: dict[str, np.ndarray] = {}
-    out = []
-    for k in keys:
-        name, first, count = index[k]
-        if name not in files:
-            files[name] = np.load(os.path.join(directory, name))
-        out.append(files[name][first:first + count])
-    return np.concatenate(out)
+    out = np.zeros((0, 0), np.float32)
+    if writer:
+        files: dict[str, np.ndarray] = {}
+        parts = []
+        for k in keys:
+            name, first, count = index[k]
+            if name not in files:
+                files[name] = np.load(os.path.join(directory, name))
+            parts.append(files[name][first:first + count])
+        out = np.concatenate(parts).astype(np.float32, copy=False)
+    if jax.process_count() > 1:
+        shape = runtime.broadcast_from_writer(np.asarray(out.shape, np.int64))
+        out = runtime.broadcast_from_writer(out if writer else np.zeros(tuple(shape), np.float32))
+    return np.asarray(out)
 
 
 def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, language_ids: Sequence[int],
@@ -212,17 +250,12 @@ def extract_whisper(encoder, decoder, examples: Sequence[Example], *, sot: int, 
     spec.update(decoder=_fingerprint(decoder), sot=int(sot), language_ids=[int(i) for i in language_ids])
     prepare_mesh(encoder, mesh, batch_size)
     if mesh is not None:
-        shard_model(decoder, mesh)
+        runtime.shard_model(decoder, mesh)
     ids = jnp.asarray(np.asarray(language_ids, np.int32))
 
     def compute(shard_examples, update):
-        rows = []
-        for batch, inputs in encoder_batches(encoder, shard_examples, batch_size, N_SAMPLES, mesh):
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                features = _whisper_features(encoder, decoder, *inputs, jnp.int32(sot), ids)
-            rows.append(np.asarray(features, np.float32)[batch["valid"]])
-            update(int(batch["valid"].sum()))
-        return np.concatenate(rows)
+        forward = lambda _, mel, mask: _whisper_features(encoder, decoder, mel, mask, jnp.int32(sot), ids)  # noqa: E731
+        return np.stack(pooled_rows(forward, encoder, shard_examples, batch_size, N_SAMPLES, mesh, update))
 
     rows = cached_rows(cache_dir, spec, examples, example_keys(examples), batch_size * shard_batches, compute,
                        desc="whisper features", progress=progress)
@@ -235,29 +268,24 @@ def extract(encoder, examples: Sequence[Example], *, cache_dir: str, batch_size:
             progress: bool = True, on_shard: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(n, d) float32 pooled embeddings aligned with `examples`, and their ids; cached and resumable.
 
-    `pooling` defaults to "mean" for Whisper and "masked_mean" otherwise. With `mesh`, the encoder is
-    placed on it (`shard_model`, in place) and batches are split over its `data` axis (`batch_size` must
-    divide evenly). `on_shard(rows_done)` is called after each shard is safely on disk.
+    `pooling` defaults to the encoder's `default_pooling`. With `mesh`, the encoder is placed on it
+    (`runtime.shard_model`, in place) and batches are split over its `batch` axis (`batch_size` must divide
+    evenly); on several processes, each decodes its own clips and every process gets all rows.
+    `on_shard(rows_done)` is called on process 0 after each shard is safely on disk.
     """
     if not examples:
         raise ValueError("no examples to embed")
-    is_whisper = isinstance(encoder, WhisperEncoder)
-    pooling = pooling or ("mean" if is_whisper else "masked_mean")
+    pooling = pooling or encoder.default_pooling
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     check_clip_lengths(encoder, examples)
-    pad_to = N_SAMPLES if is_whisper else max(e.num_samples for e in examples)
+    pad_to = encoder.input_samples or max(e.num_samples for e in examples)
     spec = cache_spec(encoder, pooling=pooling, pad_to=pad_to)
     prepare_mesh(encoder, mesh, batch_size)
 
     def compute(shard_examples, update):
-        rows = []
-        for batch, inputs in encoder_batches(encoder, shard_examples, batch_size, pad_to, mesh):
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                pooled = _jit_forward(encoder, *inputs, pooling=pooling)
-            rows.append(np.asarray(pooled, np.float32)[batch["valid"]])
-            update(int(batch["valid"].sum()))
-        return np.concatenate(rows)
+        forward = lambda _, inputs, mask: _jit_forward(encoder, inputs, mask, pooling=pooling)  # noqa: E731
+        return np.stack(pooled_rows(forward, encoder, shard_examples, batch_size, pad_to, mesh, update))
 
     embeddings = cached_rows(cache_dir, spec, examples, example_keys(examples), batch_size * shard_batches, compute,
                              desc="embeddings", progress=progress, on_shard=on_shard)

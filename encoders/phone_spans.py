@@ -12,7 +12,6 @@ the audio's duration. Features are the encoder's last hidden state (build it tru
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,12 +19,11 @@ import os
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 from flax import nnx
 
-from encoders import extraction
+from encoders import extraction, runtime
 from encoders.audio import SAMPLE_RATE
 from encoders.input_pipeline import Example
 from encoders.pooling import span_mean_pool
@@ -88,7 +86,7 @@ def load_phone_manifest(path: str) -> list[Utterance]:
 
 
 def _span_forward(encoder, inputs, sample_mask, spans):
-    return span_mean_pool(encoder(inputs, attention_mask=sample_mask), spans)
+    return span_mean_pool(encoder.encode(inputs, sample_mask), spans)
 
 
 _jit_span_forward = nnx.jit(_span_forward)
@@ -100,7 +98,8 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
     """(num_spans, d) span-pooled features in manifest order, with each span's label and source.
 
     Fixed shapes (padded audio and span count), so the forward compiles once; cached and resumable
-    (`encoders.extraction.cached_rows`); with `mesh`, batches split over its `data` axis.
+    (`encoders.extraction.cached_rows`); with `mesh`, batches split over its `batch` axis, on one or several
+    processes (as `encoders.extraction.extract`).
     """
     if not utterances:
         raise ValueError("no utterances to embed")
@@ -117,15 +116,16 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
     extraction.prepare_mesh(encoder, mesh, batch_size)
 
     def compute(shard_examples, update):
-        rows = []
-        for batch, inputs in extraction.encoder_batches(encoder, shard_examples, batch_size, pad_to, mesh):
-            spans = np.zeros((batch_size, max_spans, 2), np.float32)
+        def forward(batch, inputs, sample_mask):
+            spans = np.zeros((len(batch["ids"]), max_spans, 2), np.float32)
             for row, uid in enumerate(batch["ids"]):
                 spans[row, :len(spans_by_id[uid])] = spans_by_id[uid]
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                pooled = np.asarray(_jit_span_forward(encoder, *inputs, jnp.asarray(spans)), np.float32)
-            rows += [pooled[row, :len(spans_by_id[uid])] for row, uid in enumerate(batch["ids"]) if batch["valid"][row]]
-            update(int(batch["valid"].sum()))
+            if mesh is not None:
+                spans = runtime.global_rows(spans, mesh, batch_size, ("batch", None, None))
+            return _jit_span_forward(encoder, inputs, sample_mask, spans)
+
+        rows = extraction.pooled_rows(forward, encoder, shard_examples, batch_size, pad_to, mesh, update,
+                                      select=lambda row, e: row[:len(spans_by_id[e.id])])
         return np.concatenate(rows)
 
     features = extraction.cached_rows(cache_dir, spec, examples, keys, batch_size * shard_batches, compute,

@@ -178,6 +178,8 @@ def create_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
 def mesh_from_flags(data: int, model: int) -> Mesh | None:
     """The mesh of the `--mesh_data` / `--mesh_model` flags: data -1 takes every device left by `model`; None
     (no mesh) when data is 0, or when the mesh would hold one device of a single process."""
+    if model < 1:
+        raise ValueError(f"--mesh_model={model} must be a positive device count")
     if data == 0:
         if jax.process_count() > 1:
             raise ValueError("--mesh_data=0 (no mesh) cannot run on several processes: use --mesh_data=-1")
@@ -271,8 +273,7 @@ def plan_initialization(config: DistributedConfig, env: Mapping[str, str] | None
         if config.num_processes < 1 or not 0 <= config.process_id < config.num_processes:
             raise ValueError(f"--process_id={config.process_id} must lie in [0, --num_processes="
                              f"{config.num_processes})")
-        if ":" not in config.coordinator_address:
-            raise ValueError(f"--coordinator_address={config.coordinator_address!r} needs HOST:PORT")
+        _check_address(config.coordinator_address, "--coordinator_address")
         return InitPlan("explicit", *explicit)
     cluster = detect_cluster(env)
     if cluster == "kubernetes":
@@ -281,9 +282,24 @@ def plan_initialization(config: DistributedConfig, env: Mapping[str, str] | None
             raise ValueError(f"a Kubernetes indexed Job was detected (JOB_COMPLETION_INDEX) but {', '.join(missing)} "
                              "is not set: set both in the pod spec (coordinator = pod 0's HOST:PORT), or pass "
                              "--distributed=explicit flags")
-        return InitPlan("kubernetes", env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                        int(env["JOB_COMPLETION_INDEX"]))
+        try:
+            num_processes, index = int(env["JAX_NUM_PROCESSES"]), int(env["JOB_COMPLETION_INDEX"])
+        except ValueError:
+            raise ValueError(f"a Kubernetes indexed Job needs integer JAX_NUM_PROCESSES and JOB_COMPLETION_INDEX, got "
+                             f"{env['JAX_NUM_PROCESSES']!r} and {env['JOB_COMPLETION_INDEX']!r}") from None
+        if num_processes < 1 or not 0 <= index < num_processes:
+            raise ValueError(f"JOB_COMPLETION_INDEX={index} must lie in [0, JAX_NUM_PROCESSES={num_processes}): "
+                             "set JAX_NUM_PROCESSES to the Job's completions")
+        _check_address(env["JAX_COORDINATOR_ADDRESS"], "JAX_COORDINATOR_ADDRESS")
+        return InitPlan("kubernetes", env["JAX_COORDINATOR_ADDRESS"], num_processes, index)
     return None if cluster is None else InitPlan(cluster)
+
+
+def _check_address(address: str, what: str) -> None:
+    """Refuses a coordinator address that is not HOST:PORT with a numeric port."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{what}={address!r} needs HOST:PORT (a numeric port)")
 
 
 def initialize(config: DistributedConfig | None = None, env: Mapping[str, str] | None = None) -> InitPlan | None:

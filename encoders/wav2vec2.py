@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from encoders import loading
-from encoders.audio import SAMPLE_RATE, normalize  # noqa: F401  (normalize re-exported: wav2vec2.normalize)
+from encoders.audio import SAMPLE_RATE, normalize
 from encoders.layers import (
     Attention,
     Conv1d,
@@ -227,6 +227,18 @@ class Wav2Vec2Encoder(JittedEncoder):
         else:
             self.check_lengths(np.asarray(attention_mask).sum(-1))
         return super().__call__(inputs, attention_mask, output_hidden_states)
+
+    # Encoder protocol (encoders.extraction): pooling default, variable input length, host front end, frame mask.
+    default_pooling = "masked_mean"  # real frames only
+    input_samples = None  # clips are padded to the longest of the run
+
+    def front_end(self, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray:
+        """Host front end: zero-mean unit-variance normalisation over each clip's real samples."""
+        return normalize(audio, sample_mask)
+
+    def encode(self, inputs, sample_mask):
+        """Last hidden state of `front_end` output, attending to real samples only."""
+        return self(inputs, attention_mask=sample_mask)
 
     def frame_lengths(self, sample_lengths):
         """Number of encoder frames produced from `sample_lengths` samples (conv arithmetic)."""

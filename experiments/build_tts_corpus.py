@@ -1,6 +1,6 @@
 """Builds the embedded default CLD corpus: espeak-ng speech of the project's own sentence lists.
 
-    python -m experiments.build_tts_corpus --output=experiments/data/tts_corpus
+    python -m experiments.build_tts_corpus --output_dir=experiments/data/tts_corpus
 
 Every sentence of `experiments/data/tts_sentences/{lang}.txt` is spoken once in each accent of its
 language (an espeak-ng voice, or for one-voice languages a speed/pitch setting of it or the Klatt synthesiser),
@@ -27,6 +27,7 @@ import soundfile as sf
 from absl import app, flags, logging
 
 from encoders.audio import SAMPLE_RATE, prepare_audio
+from experiments.lib import runtime_flags
 
 SENTENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_sentences")
 
@@ -49,7 +50,7 @@ for _lang in ("hi", "id", "ms"):
 SPEAKER_VARIANTS = ("m1", "f2", "m3", "f4")
 SPLIT_FRACTIONS = (0.7, 0.15)  # train, valid; the rest is test
 
-_OUTPUT = flags.DEFINE_string("output", "experiments/data/tts_corpus", "Output directory (replaced).")
+_OUTPUT = flags.DEFINE_string("output_dir", "experiments/data/tts_corpus", "Output directory (replaced).")
 _SENTENCES = flags.DEFINE_string("sentences_dir", SENTENCES_DIR, "Directory of {lang}.txt sentence lists.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sentence-level split.")
 _COMPRESSION = flags.DEFINE_float("compression_level", 0.85, "Opus compression level in [0, 1] (higher: smaller).")
@@ -92,6 +93,7 @@ def sentence_splits(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def main(argv):
+    runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if shutil.which("espeak-ng") is None:

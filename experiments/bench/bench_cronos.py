@@ -35,7 +35,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.bench.problems import make_data
-from experiments.lib import report
+from experiments.lib import report, runtime_flags
 
 SECTIONS = ("jaxcld", "adam")
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS),
@@ -48,7 +48,7 @@ _JAXCLD = flags.DEFINE_bool("jaxcld", True, "Run the jaxcld 0.2.4 reference (pip
 _ADAM_SIZES = flags.DEFINE_list("adam_sizes", ["2000", "20000"], "Sizes for the Adam comparison.")
 _ADAM_SECONDS = flags.DEFINE_float("adam_max_seconds", 600.0, "Cap on the Adam baseline's training time.")
 _VAL = flags.DEFINE_integer("val_size", 2000, "Validation samples.")
-_OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_cronos.md", "Markdown table to write.")
+_OUTPUT = flags.DEFINE_string("results_md", "experiments/results/bench_cronos.md", "Markdown table to write.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of the jaxcld comparison; the solvers' order alternates per round.")
 _WORKER = flags.DEFINE_enum("worker", None, ["cronos", "jaxcld_mode", "jaxcld", "adam", "gemm"],
                             "Internal: run one solver.")
@@ -181,6 +181,7 @@ def _spawn(worker: str, data_path: str | None, result_path: str, *extra: str) ->
 
 
 def main(argv):
+    runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKER.value:

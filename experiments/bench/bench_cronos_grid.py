@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.bench.problems import make_data, pyscnn_to_cronos_layout, run_pyscnn
-from experiments.lib import report
+from experiments.lib import report, runtime_flags
 
 _CELLS = flags.DEFINE_list("cells", ["200:768:2:0.1:float32", "2000:768:2:0.1:float32", "real:480"],
                            "Cells: n:d:C:separation:dtype (synthetic) or real:n (whisper-base embeddings).")
@@ -53,7 +53,7 @@ _PYSCNN_MAX_SECONDS = flags.DEFINE_float("pyscnn_max_seconds", 60.0, "Wall-clock
 _CRONOS_MAX_ITERS = flags.DEFINE_integer("cronos_max_iters", 1000, "ADMM iteration cap of cronos's trace run.")
 _LARGE_N_ITERS = flags.DEFINE_integer("large_n_iters", 200, "Iteration cap of the trace run for n > 5000.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "outputs/embedding_cache", "Embedding cache of the real cells.")
-_OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_cronos_grid.md", "Markdown table to write.")
+_OUTPUT = flags.DEFINE_string("results_md", "experiments/results/bench_cronos_grid.md", "Markdown table to write.")
 _PLOT = flags.DEFINE_string("plot", "experiments/results/bench_cronos_grid.png", "PNG of time to objective vs n/d.")
 _WORKER = flags.DEFINE_enum("worker", None, ["pyscnn", "cronos"], "Internal: run one solver.")
 _DATA = flags.DEFINE_string("data", None, "Internal: npz with the problem.")
@@ -236,6 +236,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv):
+    runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKER.value:

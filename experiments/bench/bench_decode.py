@@ -24,7 +24,7 @@ system processes all clips, in an order rotated from round to round. Speed-ups a
 
     python -m experiments.bench.bench_decode --flagfile=experiments/configs/bench_decode.flags
     python -m experiments.bench.bench_decode --flagfile=experiments/configs/bench_decode.flags \
-        --num_clips=2 --batch_sizes=1,2 --rounds=1 --output=/tmp/bench_decode_smoke.md   # smoke run
+        --num_clips=2 --batch_sizes=1,2 --rounds=1 --results_md=/tmp/bench_decode_smoke.md   # smoke run
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments.lib import report
+from experiments.lib import report, runtime_flags
 
 FLAGS = flags.FLAGS
 
@@ -432,10 +432,11 @@ def define_flags():
     flags.DEFINE_bool("splits", True, "Also time encoder-only and decode-only passes.")
     flags.DEFINE_integer("threads", 0, "ctranslate2 intra_threads and torch threads (0: the machine's core count).")
     flags.DEFINE_bool("quick", False, "Smoke run: 2 clips, batch sizes 1 and 2, 1 round.")
-    flags.DEFINE_string("output", "experiments/results/bench_decode.md", "Markdown table.")
+    flags.DEFINE_string("results_md", "experiments/results/bench_decode.md", "Markdown table.")
 
 
 def main(argv):
+    runtime_flags.init()
     del argv
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     import torch
@@ -476,7 +477,7 @@ def main(argv):
     print(f"benchmark time {time.perf_counter() - start:.0f} s", flush=True)
     text = build_report(clips, results, systems, threads, ours.asr.tokens.decode, load_before)
     print(text)
-    report.write_markdown(FLAGS.output, text)
+    report.write_markdown(FLAGS.results_md, text)
 
 
 if __name__ == "__main__":

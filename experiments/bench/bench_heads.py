@@ -40,7 +40,7 @@ from absl import app, flags
 from tqdm.auto import tqdm
 
 from encoders import extraction, input_pipeline
-from experiments.lib import cld, report
+from experiments.lib import cld, report, runtime_flags
 
 FLAGS = flags.FLAGS
 
@@ -62,10 +62,9 @@ def define_flags():
     flags.DEFINE_list("languages", ["en", "hi", "id", "ms", "zh"], "ISO-639-1 codes of the languages.")
     flags.DEFINE_list("data_seeds", ["0", "1", "2"], "Data seeds (splits); accuracies are reported over them.")
     flags.DEFINE_string("cache_dir", "outputs/embedding_cache", "Embedding cache (shared with train_cld).")
-    flags.DEFINE_string("output", "experiments/results/bench_heads.md", "Markdown report to write.")
+    flags.DEFINE_string("results_md", "experiments/results/bench_heads.md", "Markdown report to write.")
     flags.DEFINE_integer("nn_epochs", 100, "Epochs of the NN head (its final count in the time-to-target search).")
     flags.DEFINE_integer("rounds", 3, "Timed rounds of the time-to-target comparison (heads alternated).")
-    report.define_compilation_cache_flag()
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -386,7 +385,8 @@ def render(ctx: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    compilation_cache = report.enable_compilation_cache()
+    mesh = runtime_flags.init()
+    compilation_cache = runtime_flags.enable_compilation_cache()
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     seeds = [int(s) for s in FLAGS.data_seeds]
     if not seeds or FLAGS.rounds < 1 or FLAGS.nn_epochs < 1:
@@ -394,7 +394,6 @@ def main(argv):
     languages = cld.validate_languages(FLAGS.languages)
     dataset = cld.load_dataset(FLAGS.dataset, languages)
     heldout = input_pipeline.heldout_accent_test(dataset)
-    mesh = cld.make_mesh(-1, 1)
     features, logprobs, codes, encoder_id = pooled_features(FLAGS.encoder, dataset.examples, FLAGS.cache_dir, mesh)
     row_of = {e.id: i for i, e in enumerate(dataset.examples)}
     rows = lambda part: np.array([row_of[e.id] for e in part.examples], int)  # noqa: E731
@@ -466,7 +465,7 @@ def main(argv):
            "n_valid": len(valid.examples), "split_note": split_note, "nn_epochs": FLAGS.nn_epochs, "winner": winner,
            "best": best,
            "records": records, "whisper": whisper, "timing": timing, "compilation_cache": compilation_cache}
-    report.write_markdown(FLAGS.output, render(ctx))
+    report.write_markdown(FLAGS.results_md, render(ctx))
 
 
 if __name__ == "__main__":

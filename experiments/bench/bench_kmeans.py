@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from sklearn.cluster import KMeans
 
-from experiments.lib import report
+from experiments.lib import report, runtime_flags
 from heads import clustering, supcon
 
 _N = flags.DEFINE_integer("n", 100_000, "Rows.")
@@ -40,6 +40,7 @@ def _timed(fn):
 
 
 def main(argv):
+    runtime_flags.init()
     del argv
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     if _ROUNDS.value < 3:

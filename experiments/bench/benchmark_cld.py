@@ -23,7 +23,7 @@ import os
 
 from absl import app, flags, logging
 
-from experiments.lib import report
+from experiments.lib import report, runtime_flags
 
 WHISPER_DETECTORS = ("whisper_unrestricted", "whisper_restricted")
 
@@ -258,6 +258,7 @@ def define_flags():
 
 
 def main(argv):
+    runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts

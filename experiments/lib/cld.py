@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from encoders import extraction, input_pipeline
+from encoders import extraction, input_pipeline, runtime
 from experiments.lib import report
 
 # The shipped espeak-ng corpus (`--dataset=embedded`): data beside the binaries, never inside a package.
@@ -185,20 +185,6 @@ def summary(metrics: dict) -> str:
     return "; ".join(parts)
 
 
-def make_mesh(data: int, model: int):
-    """(data, model) device mesh over the first data * model devices (data < 0: as many as fit); None when it
-    would hold a single device (or data == 0)."""
-    from encoders import runtime
-
-    data = jax.device_count() // model if data < 0 else data
-    if data == 0 or data * model <= 1:
-        return None
-    if data * model > jax.device_count():
-        raise ValueError(f"--mesh_data={data} x --mesh_model={model} needs {data * model} devices, but "
-                         f"{jax.device_count()} are available: lower them (or --mesh_data=-1 to use all)")
-    return runtime.create_mesh(data, model, devices=jax.devices()[: data * model])
-
-
 def load_dataset(spec: str, languages: list[str]):
     """The embedded corpus, a manifest file, or a Hugging Face dataset directory, filtered to `languages`."""
     if spec == "embedded":
@@ -248,7 +234,7 @@ def embed_dataset(cfg: dict, examples: list, cache_dir: str, mesh) -> tuple[dict
     return {"X": features[pooling], "lang_logprobs": features["lang_logprobs"]}, pooling, encoder_id, codes
 
 
-def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
+def run(cfg: dict, output_dir: str, cache_dir: str, mesh=None) -> dict:
     """One training run: data → embeddings → head → output_dir (head/, metrics.json, README.md).
 
     With a pretrained multilingual Whisper, metrics also hold Whisper's own language detection on the same
@@ -264,7 +250,6 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     if cfg["samples_per_class"]:
         parts["train"] = input_pipeline.subsample_per_class(train, samples_per_class=cfg["samples_per_class"],
                                                       data_seed=cfg["data_seed"], take_all=True)
-    mesh = make_mesh(cfg["mesh_data"], cfg["mesh_model"])
     used = [e for part in parts.values() for e in part.examples]  # the cache is per clip: other runs reuse rows
     features, pooling, encoder_id, codes = embed_dataset(cfg, used, cache_dir, mesh)
     row_of = {e.id: i for i, e in enumerate(used)}
@@ -292,7 +277,8 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         "train_wall_seconds": wall, "train_compile_seconds": float(info.get("compile_seconds", 0.0)),
         "train_run_seconds": float(info.get("run_seconds", wall)), "train_flops": float(info.get("flops", float("nan"))),
         "train_flop_count_seconds": float(info.get("flop_count_seconds", 0.0)),  # XLA's FLOP count, timed apart
-        "devices": jax.device_count(), "backend": jax.default_backend(),
+        "devices": jax.device_count(), "processes": jax.process_count(), "backend": jax.default_backend(),
+        "mesh": None if mesh is None else {name: int(size) for name, size in mesh.shape.items()},
     }
     if "accent_shift" in embedded:
         metrics["accent_shift"] = evaluate(head, embedded["accent_shift"]["X"], *truth["accent_shift"])
@@ -302,6 +288,8 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
                                            *truth[name], languages)
                    for mode, restrict in (("unrestricted", None), ("restricted", languages))}
             for name in ("test", "accent_shift") if name in embedded}
+    if not runtime.is_writer():
+        return metrics
     os.makedirs(output_dir, exist_ok=True)
     head.save(os.path.join(output_dir, "head"), metrics={k: metrics[k] for k in ("test", "validation_peak")})
     report.atomic_write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))
