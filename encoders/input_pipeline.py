@@ -29,6 +29,7 @@ import soundfile as sf
 from absl import logging
 
 from encoders.audio import prepare_audio, validate_audio
+from encoders.languages import check_language_codes
 
 SPLITS = ("train", "valid", "test")
 _AUDIO_COLUMNS = ("audio", "audio_path", "path")
@@ -115,7 +116,7 @@ def _build_dataset(examples: Iterable[Example], languages: Sequence[str] | None,
     """Language filter, audio check (decode once, record length), duplicate-id and absent-language errors."""
     if on_unknown_language not in ("drop", "error"):
         raise ValueError(f"on_unknown_language must be 'drop' or 'error', got {on_unknown_language!r}")
-    wanted = None if languages is None else set(languages)
+    wanted = None if languages is None else set(check_language_codes(languages))
     stats, kept, seen = Stats(), [], set()
     for ex in examples:
         if wanted is not None and ex.lang not in wanted:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from encoders import runtime
+from encoders.languages import check_languages
 from experiments.lib import cld, runtime_flags
 
 _RANK = flags.DEFINE_integer("rank", 20, "Nyström sketch rank.")
@@ -56,7 +57,7 @@ def config_from_flags() -> dict:
     return {
         "head": _HEAD.value, "encoder": _ENCODER.value, "dataset": _DATASET.value, "pooling": _POOLING.value,
         "input_norm": _INPUT_NORM.value,
-        "languages": cld.validate_languages(_LANGUAGES.value), "samples_per_class": _SAMPLES.value,
+        "languages": list(check_languages([c.strip() for c in _LANGUAGES.value])), "samples_per_class": _SAMPLES.value,
         "neuron": _NEURON.value, "rank": _RANK.value, "beta": _BETA.value, "rho": _RHO.value,
         "gamma_ratio": _GAMMA.value, "admm_iters": _ADMM_ITERS.value, "pcg_iters": _PCG_ITERS.value, "tol": _TOL.value,
         "opt_seed": _OPT_SEED.value, "data_seed": _DATA_SEED.value, "batch_size": _BATCH.value,

@@ -40,6 +40,7 @@ from absl import app, flags
 from tqdm.auto import tqdm
 
 from encoders import extraction, input_pipeline
+from encoders.languages import check_languages
 from experiments.lib import cld, report, runtime_flags
 
 FLAGS = flags.FLAGS
@@ -391,7 +392,7 @@ def main(argv):
     seeds = [int(s) for s in FLAGS.data_seeds]
     if not seeds or FLAGS.rounds < 1 or FLAGS.nn_epochs < 1:
         raise app.UsageError("--data_seeds must be non-empty, --rounds and --nn_epochs at least 1")
-    languages = cld.validate_languages(FLAGS.languages)
+    languages = list(check_languages([c.strip() for c in FLAGS.languages]))
     dataset = cld.load_dataset(FLAGS.dataset, languages)
     heldout = input_pipeline.heldout_accent_test(dataset)
     features, logprobs, codes, encoder_id = pooled_features(FLAGS.encoder, dataset.examples, FLAGS.cache_dir, mesh)

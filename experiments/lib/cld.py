@@ -66,17 +66,6 @@ def load_detector(spec: str):
     return decoder, WhisperTokens(generation, None, decoder.config.vocab_size)  # ids only: no text is decoded
 
 
-def validate_languages(languages) -> list[str]:
-    """Sorted, distinct ISO-639-1 codes; the label of a language is its index in this list."""
-    codes = [code.strip() for code in languages]
-    bad = [c for c in codes if len(c) != 2 or not c.isalpha() or not c.islower()]
-    if bad:
-        raise ValueError(f"--languages must be ISO-639-1 codes such as en, zh; got {bad}.")
-    if len(set(codes)) != len(codes) or len(codes) < 2:
-        raise ValueError(f"--languages needs at least two distinct codes; got {codes}.")
-    return sorted(codes)
-
-
 def score_predictions(predicted: list[str], langs: list[str], accents: list[str], labels: list[str]) -> dict:
     """Accuracy overall, per language and per accent, the confusion matrix over `labels` (rows: truth) and
     the counts of predictions outside `labels` (an unrestricted detector can answer any language)."""
