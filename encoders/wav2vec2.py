@@ -221,8 +221,10 @@ class Wav2Vec2Encoder(JittedEncoder):
 
     def __call__(self, inputs, attention_mask=None, output_hidden_states=False):
         """Hidden states as `JittedEncoder.__call__`, after `check_lengths` on the rows of a concrete
-        `attention_mask` (inside an outer jit, where the mask is traced, on the padded length only)."""
-        if attention_mask is None or isinstance(attention_mask, jax.core.Tracer):
+        `attention_mask` (on the padded length only inside an outer jit, where the mask is traced, or for a mask
+        spread over several processes, which callers check on the host)."""
+        if attention_mask is None or isinstance(attention_mask, jax.core.Tracer) or (
+                isinstance(attention_mask, jax.Array) and not attention_mask.is_fully_addressable):
             self.check_lengths([np.shape(inputs)[-1]])
         else:
             self.check_lengths(np.asarray(attention_mask).sum(-1))

@@ -13,6 +13,7 @@ from transformers import WhisperFeatureExtractor
 from encoders import input_pipeline
 from experiments.bench import benchmark_cld
 from experiments.lib import cld
+from experiments.lib.cld import EMBEDDED_CORPUS
 
 LANGS = ["en", "hi", "id", "ms", "zh"]
 
@@ -35,7 +36,7 @@ def setup(tmp_path_factory):
     model = tiny_whisper_asr(ckpt)
     from heads import LinearHead
 
-    train = [e for e in input_pipeline.load_manifest(languages=LANGS).examples if e.split == "train"][::12]
+    train = [e for e in input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=LANGS).examples if e.split == "train"][::12]
     emb, _ = _torch_features(model, [input_pipeline.read_audio(e) for e in train])
     LinearHead.fit(emb, [e.lang for e in train], LANGS).save(str(root / "head"))
     config = dict(encoder=ckpt, dataset="embedded", splits=["test", "accent_shift"], languages=LANGS, data_seed=0,
@@ -100,7 +101,7 @@ def test_whisper_features_pass_matches_transformers(setup, tmp_path):
     from encoders import extraction
     from encoders.whisper import WhisperEncoder
 
-    examples = [e for e in input_pipeline.load_manifest(languages=LANGS).examples if e.split == "test"][::21]
+    examples = [e for e in input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=LANGS).examples if e.split == "test"][::21]
     lang_to_id = model.generation_config.lang_to_id
     codes = ["en", "zh", "th"]
     feats = extraction.extract_whisper(

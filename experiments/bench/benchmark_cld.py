@@ -17,12 +17,15 @@ results. The results go to `results.json` and to the markdown table `--results_m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 
+import numpy as np
 from absl import app, flags, logging
 
+from encoders import runtime
 from experiments.lib import report, runtime_flags
 
 WHISPER_DETECTORS = ("whisper_unrestricted", "whisper_restricted")
@@ -178,8 +181,10 @@ def markdown(results: dict, config: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config: dict, output_dir: str) -> dict:
-    """Predicts every clip not yet in `output_dir/predictions.jsonl`, then scores all of them."""
+def run(config: dict, output_dir: str, mesh=None) -> dict:
+    """Predicts every clip not yet in `output_dir/predictions.jsonl`, then scores all of them. With a `mesh` over
+    several processes, all of them decode every batch together and process 0 alone reads and writes `output_dir`
+    (a process that exits on an error ends the others within the heartbeat timeout)."""
     from tqdm import tqdm
 
     from asr import ASRModel, WhisperDecodingConfig, metrics
@@ -189,45 +194,53 @@ def run(config: dict, output_dir: str) -> dict:
         batch_size=config["batch_size"],
         **({} if config["temperature_fallback"] else dict(temperatures=(0.0,), compression_ratio_threshold=None,
                                                           logprob_threshold=None)))
-    model = ASRModel.from_pretrained(config["encoder"], languages=config["languages"], config=decoding)
+    model = ASRModel.from_pretrained(config["encoder"], languages=config["languages"], config=decoding,
+                                     mesh=mesh)
     heads = load_heads([f"{k}={v}" for k, v in config["heads"].items()], model)
     config = {**config, "detectors": [*WHISPER_DETECTORS, *heads, "oracle"],
               "n_whisper_languages": len(model.decodable_languages),
               "english_normalizer": metrics.english_normalizer_name(),
               "head_checksums": {k: _dir_checksum(v) for k, v in config["heads"].items()}}
-    os.makedirs(output_dir, exist_ok=True)
+    writer = runtime.is_writer()
     config_path = os.path.join(output_dir, "config.json")
     pinned = json.loads(json.dumps({k: v for k, v in config.items() if k not in ("max_examples", "batch_size")}))
-    if os.path.exists(config_path):
+    if writer and os.path.exists(config_path):
         with open(config_path) as f:
             if json.load(f) != pinned:
                 raise ValueError(f"{output_dir} holds predictions of another configuration ({config_path}); use "
                                  "another --output_dir or delete it")
-    else:
+    elif writer:
         report.atomic_write_text(config_path, json.dumps(pinned, indent=2))
     splits = select_splits(config["dataset"], config["languages"], config["data_seed"], config["splits"],
                            config["max_examples"])
     results = {"config": config, "splits": {}, "records": {}}
     for split, examples in splits.items():
         pred_path = os.path.join(output_dir, f"predictions_{split}.jsonl")
-        done = read_records(pred_path)
-        if os.path.exists(pred_path):  # rewrite without a truncated tail before appending
+        done = read_records(pred_path) if writer else {}
+        if writer and os.path.exists(pred_path):  # rewrite without a truncated tail before appending
             report.atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
-        todo = [e for e in examples if e.id not in done]
-        with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=len(examples), initial=len(examples) - len(todo),
-                                                               desc=split) as bar:
+        todo_mask = runtime.broadcast_from_writer(np.array([e.id not in done for e in examples], bool))
+        todo = [e for e, missing in zip(examples, todo_mask) if missing]
+        with (open(pred_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as f, \
+                tqdm(total=len(examples), initial=len(examples) - len(todo), desc=split, disable=not writer) as bar:
             for i in range(0, len(todo), config["batch_size"]):
                 batch = todo[i : i + config["batch_size"]]
                 for record in predict_batch(model, heads, batch, config["languages"]):
                     done[record["id"]] = record
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                    if writer:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if writer:
+                    f.flush()
+                    os.fsync(f.fileno())
                 bar.update(len(batch))
+        if not writer:
+            continue
         records = [done[e.id] for e in examples]
         results["records"][split] = records
         results["splits"][split] = score(records, config["detectors"])
-    report.atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False))
+    if writer:
+        report.atomic_write_text(os.path.join(output_dir, "results.json"),
+                                 json.dumps(results, indent=2, ensure_ascii=False))
     return results
 
 
@@ -258,7 +271,7 @@ def define_flags():
 
 
 def main(argv):
-    runtime_flags.init()
+    mesh = runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
@@ -267,8 +280,9 @@ def main(argv):
                   data_seed=f.data_seed, batch_size=f.batch_size, max_examples=f.max_examples,
                   max_new_tokens=f.max_new_tokens, repetition_penalty=f.repetition_penalty,
                   temperature_fallback=f.temperature_fallback, heads=dict(s.partition("=")[::2] for s in f.heads))
-    results = run(config, f.output_dir)
-    report.write_markdown(f.results_md, markdown(results, results["config"]))
+    results = run(config, f.output_dir, mesh)
+    if runtime.is_writer():
+        report.write_markdown(f.results_md, markdown(results, results["config"]))
 
 
 if __name__ == "__main__":
