@@ -1,4 +1,4 @@
-"""Whisper decoding on a (data, model) mesh of 8 fake CPU devices gives transformers' tokens.
+"""Whisper decoding (and MMS CTC) on a (data, model) mesh of 8 fake CPU devices gives transformers' tokens.
 
 A tiny random Whisper decodes a batch of 3 (divisible by neither data axis: padded, the dummy rows dropped)
 greedily and by beam search on (data=4, model=2) and (data=2, model=4) meshes; the tokens must equal
@@ -79,12 +79,17 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_decoding_matches_transformers():
+def _run_on_8_devices(script: str) -> None:
+    """Runs `script` in a subprocess with 8 fake CPU devices; it must print OK."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     print(proc.stdout)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_sharded_decoding_matches_transformers():
+    _run_on_8_devices(SCRIPT)
 
 
 MMS_SCRIPT = textwrap.dedent("""
@@ -123,8 +128,4 @@ MMS_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_mms_matches_transformers():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", MMS_SCRIPT], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(proc.stdout)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+    _run_on_8_devices(MMS_SCRIPT)
