@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from asr.whisper_decoder import shard_decoder
 from encoders import runtime
 
 NEG = -1.0e9
@@ -197,7 +196,7 @@ def generate(decoder, encoder_states, prompt, options: DecodeOptions, *, repetit
 
     `num_beams == 1`: greedy (temperature 0) or sampling at `temperature`;
     `num_beams > 1`: beam search (temperature ignored). With `mesh`, the decoder's parameters are placed on
-    it (in place, see `shard_decoder`) and the batch is split over its `data` axis (padded to a multiple of it).
+    it (in place, `runtime.shard_model`) and the batch is split over its `batch` axis (padded to a multiple of it).
     """
     if np.ndim(prompt) != 2 or np.shape(prompt)[0] != encoder_states.shape[0]:
         raise ValueError(f"prompt must be (batch, length) with batch {encoder_states.shape[0]}, "
@@ -210,8 +209,8 @@ def generate(decoder, encoder_states, prompt, options: DecodeOptions, *, repetit
     if mesh is None:
         encoder_states, prompt = jnp.asarray(encoder_states), jnp.asarray(prompt, jnp.int32)
     else:
-        shard_decoder(decoder, mesh)
-        rows = -(-batch // runtime.data_shards(mesh)) * runtime.data_shards(mesh)
+        runtime.shard_model(decoder, mesh)  # a no-op when the decoder is already placed
+        rows = runtime.padded_size(batch, mesh)
         encoder_states = _place_rows(encoder_states, mesh, ("batch", "length", "embed"), rows)
         prompt = _place_rows(np.asarray(prompt, np.int32), mesh, ("batch", "length"), rows)
     graphdef, state = nnx.split(decoder)

@@ -104,8 +104,7 @@ class MMSASR:
         self.mesh = mesh
         if mesh is not None:  # parameters by the rules table; every batch split over the `batch` axis
             runtime.shard_model(encoder, mesh)
-            shards = runtime.data_shards(mesh)
-            batch_size = -(-batch_size // shards) * shards
+            batch_size = runtime.padded_size(batch_size, mesh)
         self.iso3 = dict(ISO_639_3 if iso3 is None else iso3)
         self.batch_size = batch_size
         self.samples_per_frame = int(np.prod(encoder.config.conv_stride))

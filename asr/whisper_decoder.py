@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from encoders import loading, runtime
+from encoders import loading
 from encoders.layers import STACKED_CACHE_AXES, Attention, Dense, Embedding, LayerNorm, activation
 from encoders.runtime import constrain
 
@@ -141,14 +141,3 @@ class WhisperDecoder(nnx.Module):
         tensors = loading.strip_prefix(loading.load_state_dict(model_dir), "embed_tokens.weight")
         return loading.build_model(lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
                                    tensors)
-
-
-def shard_decoder(decoder: WhisperDecoder, mesh) -> WhisperDecoder:
-    """Places the decoder's parameters on `mesh` by the active logical-axis rules (`runtime.shard_model`, in
-    place); the vocabulary is replicated when its mesh axis does not divide it (Whisper's 51865 tokens), as
-    parameters must split evenly (the logits stay sharded over it)."""
-    rules = dict(runtime.active_rules())
-    axis = rules.get("vocab")
-    if axis is not None and decoder.config.vocab_size % dict(mesh.shape).get(axis, 1):
-        rules["vocab"] = None
-    return runtime.shard_model(decoder, mesh, tuple(rules.items()))

@@ -26,7 +26,7 @@ from flax import nnx
 
 from asr.generate import DecodeOptions, generate
 from asr.model import check_head
-from asr.whisper_decoder import WhisperDecoder, shard_decoder
+from asr.whisper_decoder import WhisperDecoder
 from encoders import loading, pooling, runtime
 from encoders.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim, validate_audio
 from encoders.whisper import WhisperEncoder
@@ -194,7 +194,7 @@ class WhisperASR:
         self.mesh = mesh
         if mesh is not None:
             runtime.shard_model(encoder, mesh)
-            shard_decoder(decoder, mesh)
+            runtime.shard_model(decoder, mesh)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, languages=None, *, dtype=jnp.float32,
@@ -211,9 +211,8 @@ class WhisperASR:
 
     @property
     def batch_size(self) -> int:
-        """Rows per encoder / decoder batch: `config.batch_size` rounded up to a multiple of the `data` axis."""
-        shards = runtime.data_shards(self.mesh)
-        return -(-self.config.batch_size // shards) * shards
+        """Rows per encoder / decoder batch: `config.batch_size` rounded up to a multiple of the `batch` axis."""
+        return runtime.padded_size(self.config.batch_size, self.mesh)
 
     def _batches(self, n: int):
         """`padded_batches` of rows 0..n-1 at `batch_size`."""

@@ -10,7 +10,7 @@ real wav2vec2 frames) and `input_samples` (Whisper's fixed 30 s window, or None:
 batch has `batch_size` rows (the last one filled with repeats that are dropped) and one padded length, so the
 forward compiles once. Before any encoding, `check_clip_lengths` refuses clips the encoder cannot embed whole.
 
-Several processes: `batch_size` is the global batch, split over the mesh's `data` axis; each process decodes
+Several processes: `batch_size` is the global batch, split over the mesh axis of the `batch` rule; each process decodes
 only its own rows of every batch (`input_pipeline.audio_pipeline`), the forward runs on the global mesh, and the
 pooled rows are gathered on every process. Process 0 alone reads and writes the cache; what it holds is
 broadcast, so hosts need not share a file system.
@@ -87,13 +87,15 @@ def _whisper_features(encoder, decoder, mel, sample_mask, sot, language_ids):
 
 
 def _fingerprint(encoder) -> str:
-    """Hash of every parameter's path, shape, dtype, float32 sum and a strided sample of its values."""
+    """Hash of every parameter's path, shape, dtype, float64 host sum and a strided sample of its values (read
+    through `runtime.to_host`, so the key is the same however the encoder is placed, on any number of processes)."""
     digest = hashlib.sha256()
     for path, value in jax.tree_util.tree_leaves_with_path(nnx.state(encoder, nnx.Param)):
-        stride = max(value.size // 1024, 1)
-        digest.update(f"{jax.tree_util.keystr(path)}{value.shape}{value.dtype}".encode())
-        digest.update(np.asarray(jnp.sum(value.astype(jnp.float32)), np.float32).tobytes())
-        digest.update(np.asarray(value.ravel()[::stride], np.float32).tobytes())
+        host = runtime.to_host(value)
+        stride = max(host.size // 1024, 1)
+        digest.update(f"{jax.tree_util.keystr(path)}{host.shape}{host.dtype}".encode())
+        digest.update(np.asarray(host.sum(dtype=np.float64)).tobytes())
+        digest.update(np.asarray(host.ravel()[::stride], np.float32).tobytes())
     return digest.hexdigest()
 
 
@@ -153,7 +155,7 @@ def prepare_mesh(encoder, mesh: jax.sharding.Mesh | None, batch_size: int) -> No
     """Places `encoder` on `mesh` (in place) after checking that batches split over its `batch` axis."""
     if mesh is None:
         return
-    shards = runtime.data_shards(mesh, dict(runtime.active_rules())["batch"] or "data")
+    shards = runtime.shards_of(mesh, "batch")
     if batch_size % shards:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} devices the mesh splits "
                          "batches over; choose a multiple")
@@ -190,6 +192,7 @@ def cached_rows(cache_dir: str, spec: dict, items: Sequence, keys: Sequence[str]
     if len(set(keys)) != len(keys) or len(keys) != len(items):
         raise ValueError("cache keys must be unique, one per item")
     writer = runtime.is_writer()  # process 0 alone reads and writes the cache; the others follow its decisions
+    runtime.check_same_on_every_process(len(keys), "the number of items to embed")
     counts = list(rows_per_item) if rows_per_item is not None else [1] * len(items)
     directory = os.path.join(cache_dir, hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20])
     index_path = os.path.join(directory, "index.json")

@@ -319,8 +319,9 @@ def audio_pipeline(examples: Sequence[Example], batch_size: int, *, pad_to: int 
     same number of equal batches; this needs `fill_last_batch`.
     """
     shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    if shard.shard_count > 1 and not fill_last_batch:
-        raise ValueError("several JAX processes need equal batches: pass fill_last_batch=True")
+    if shard.shard_count > 1 and (not fill_last_batch or pad_to is None):
+        raise ValueError("several JAX processes need equal batches of one shape: pass fill_last_batch=True and "
+                         "pad_to")
     order = list(range(len(examples)))
     if shuffle_seed is not None:
         order = list(grain.MapDataset.source(order).shuffle(seed=shuffle_seed))

@@ -186,8 +186,8 @@ class Attention(nnx.Module):
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense(dim, dim, ("embed", "heads"), **kw)
-        self.k_proj = Dense(dim, dim, ("embed", "heads"), use_bias=k_bias, **kw)
-        self.v_proj = Dense(dim, dim, ("embed", "heads"), **kw)
+        self.k_proj = Dense(dim, dim, ("embed", "kv_heads"), use_bias=k_bias, **kw)
+        self.v_proj = Dense(dim, dim, ("embed", "kv_heads"), **kw)
         self.out_proj = Dense(dim, dim, ("heads", "embed"), **kw)
         self.num_heads = num_heads
 

@@ -13,6 +13,11 @@ Parameters and activations carry *logical* axis names ("batch", "rows", "embed",
 "vocab", "cache_*", ...). One rules table maps each onto a mesh axis of the (`data`, `model`) mesh or onto
 nothing (replicated); `set_rules` (from `--axis_rules`) overrides entries for every later `constrain`,
 `shard_model` and `logical_sharding` call.
+
+Random keys: parameters come from one seed on every process. Dropout is drawn inside the global jit over the
+global batch from one key (partitionable threefry: each element's bits depend on the key and its global index),
+so rows on different hosts get different masks and a run's result does not depend on the process count; host-side
+randomness per process, had we any, would use `jax.random.fold_in(key, jax.process_index())`.
 """
 
 from __future__ import annotations
@@ -131,9 +136,15 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules=None) -> jax.Arra
 
 
 def param_sharding(var: nnx.Variable, mesh: Mesh, rules=None) -> NamedSharding:
-    """NamedSharding of one parameter, from its `logical_axes` metadata."""
-    names = var.get_metadata().get("logical_axes") or (None,) * var.get_value().ndim
-    return logical_sharding(mesh, names, rules)
+    """NamedSharding of one parameter, from its `logical_axes` metadata. A dimension its mesh axis does not divide
+    (Whisper's 51865-token vocabulary over 2 devices) is replicated: parameters must split evenly, while the
+    activations constrained by the same name inside jit stay split."""
+    shape = var.get_value().shape
+    names = var.get_metadata().get("logical_axes") or (None,) * len(shape)
+    spec = mesh_spec(names, mesh.axis_names, rules)
+    spec = PartitionSpec(*(axis if axis is None or size % mesh.shape[axis] == 0 else None
+                           for axis, size in zip(spec, shape)))
+    return NamedSharding(mesh, spec)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
@@ -141,8 +152,13 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     same on every process (load or initialise them from the same seed); each process places its shards."""
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable):
-            value = np.asarray(var.get_value()) if jax.process_count() > 1 else var.get_value()
-            var.set_value(place(value, param_sharding(var, mesh, rules)))
+            value, sharding = var.get_value(), param_sharding(var, mesh, rules)
+            if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(sharding, value.ndim):
+                continue  # already placed: a second call costs nothing
+            if isinstance(value, jax.Array) and not value.is_fully_addressable:
+                var.set_value(jax.device_put(value, sharding))  # global -> global reshard
+            else:
+                var.set_value(place(value, sharding))
     return model
 
 
@@ -203,6 +219,19 @@ def mesh_from_flags(data: int, model: int) -> Mesh | None:
 def data_shards(mesh: Mesh | None, axis: str = "data") -> int:
     """Devices along `axis` of `mesh` (1 without a mesh)."""
     return 1 if mesh is None else int(mesh.shape[axis])
+
+
+def shards_of(mesh: Mesh | None, name: str = "batch") -> int:
+    """Devices the logical axis `name` (by the active rules) is split over on `mesh`: what a batch must be padded
+    to a multiple of (1 without a mesh, or when the rule replicates it)."""
+    axis = dict(_active_rules).get(name)
+    return 1 if mesh is None or axis is None else int(mesh.shape[axis])
+
+
+def padded_size(rows: int, mesh: Mesh | None, name: str = "batch") -> int:
+    """`rows` rounded up to a multiple of `shards_of(mesh, name)`: the one batch-padding rule."""
+    shards = shards_of(mesh, name)
+    return -(-rows // shards) * shards
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -313,9 +342,7 @@ def initialize(config: DistributedConfig | None = None, env: Mapping[str, str] |
         flag = f"--xla_cpu_collective_timeout_seconds={config.collective_timeout_s}"
         if "xla_cpu_collective_timeout_seconds" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    from jax._src import distributed  # noqa: PLC0415  (the one public-API gap: is the client already up?)
-
-    if distributed.global_state.client is None:
+    if not jax.distributed.is_initialized():
         jax.distributed.initialize(
             coordinator_address=plan.coordinator_address, num_processes=plan.num_processes,
             process_id=plan.process_id, initialization_timeout=config.initialization_timeout_s,
@@ -397,11 +424,6 @@ def barrier(name: str) -> None:
     """Waits until every process reaches the barrier `name` (no-op on one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
-
-
-def fold_in_process(key: jax.Array) -> jax.Array:
-    """`key` made distinct per process (dropout, augmentation); parameters keep using the shared key."""
-    return jax.random.fold_in(key, jax.process_index())
 
 
 # ----------------------------------------------------------------------------------------------- files

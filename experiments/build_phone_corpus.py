@@ -22,9 +22,10 @@ import numpy as np
 import soundfile as sf
 from absl import app, flags, logging
 
+from encoders import runtime
 from encoders.audio import SAMPLE_RATE
-from experiments.build_tts_corpus import synthesize, trim_silence
 from experiments.lib import runtime_flags
+from experiments.lib.tts import synthesize, trim_silence
 
 CONSONANTS = ("p", "b", "t", "d", "k", "g", "m", "n", "s", "f", "l")
 VOWELS = ("a", "e", "i", "o", "u")
@@ -75,6 +76,8 @@ def build_language(voice: str, output: str, rng: np.random.Generator, *, units_p
 
 def main(argv):
     runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     del argv
     rows = []
     for voice in _LANGUAGES.value:

@@ -16,18 +16,18 @@ Only this binary needs espeak-ng; the shipped corpus is read with soundfile alon
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import soundfile as sf
 from absl import app, flags, logging
 
-from encoders.audio import SAMPLE_RATE, prepare_audio
+from encoders import runtime
+from encoders.audio import SAMPLE_RATE
 from experiments.lib import runtime_flags
+from experiments.lib.tts import synthesize, trim_silence
 
 SENTENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_sentences")
 
@@ -58,21 +58,6 @@ _MIN_SECONDS = flags.DEFINE_float("min_seconds", 1.0, "Shortest clip; shorter sp
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 4.0, "Longest clip; longer speech is re-spoken faster.")
 
 
-def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    """espeak-ng speech of `text` as 16 kHz mono float32."""
-    wav = subprocess.run(["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), "-p", str(pitch), text],
-                         capture_output=True, check=True).stdout
-    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return prepare_audio(audio, rate)
-
-
-def trim_silence(audio: np.ndarray, pad_seconds: float = 0.1, threshold: float = 1e-3) -> np.ndarray:
-    """Cuts leading and trailing silence down to `pad_seconds`."""
-    loud = np.flatnonzero(np.abs(audio) > threshold)
-    pad = int(pad_seconds * SAMPLE_RATE)
-    return audio[max(loud[0] - pad, 0): loud[-1] + pad + 1]
-
-
 def speak_clip(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     """Trimmed speech of `text`, re-spoken faster while longer than --max_seconds, padded to --min_seconds."""
     for _ in range(4):
@@ -94,6 +79,8 @@ def sentence_splits(n: int, rng: np.random.Generator) -> list[str]:
 
 def main(argv):
     runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if shutil.which("espeak-ng") is None:

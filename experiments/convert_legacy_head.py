@@ -14,6 +14,7 @@ import json
 
 from absl import app, flags
 
+from encoders import runtime
 from experiments.lib import runtime_flags
 from heads.legacy import convert
 
@@ -27,6 +28,8 @@ _POOLING = flags.DEFINE_string("pooling", "mean", "Pooling convention recorded i
 def main(argv):
     """Converts and prints the written metadata."""
     runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     head = convert(_PKL.value, _OUT.value, _LANGUAGES.value, encoder=_ENCODER.value, pooling=_POOLING.value)

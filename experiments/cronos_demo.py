@@ -19,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import cronos
+from encoders import runtime
 from experiments.lib import runtime_flags
 from experiments.lib.report import atomic_write_text
 
@@ -61,6 +62,8 @@ def main(argv):
         print(f"{name:22s} test accuracy {accuracy:.4f}  objective {row['objective']:.4f}  "
               f"ADMM {row['admm_iterations']:4d} (converged: {result.converged})  PCG {row['pcg_iterations']:5d}  "
               f"compile {row['compile_seconds']:.2f}s  run {row['run_seconds']:.3f}s  {flops / 1e9:.2f} GFLOP")
+    if not runtime.is_writer():
+        return
     atomic_write_text(_OUTPUT.value, json.dumps(report, indent=2))
     print(f"wrote {_OUTPUT.value}")
 

@@ -1,4 +1,4 @@
-"""Language-detection heads on pooled speech embeddings (depends on `cronos` and `encoders.runtime` only).
+"""Language-detection heads on pooled speech embeddings (depends on `cronos`, `encoders.runtime` and `encoders.languages` only).
 
     from heads import ConvexReLUHead, NNHead, LinearHead
     head = ConvexReLUHead.fit(emb, labels, languages=["en", "zh"])

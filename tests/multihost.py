@@ -198,6 +198,15 @@ def check_ok(results: Sequence[Result]) -> list[Any]:
     return [r.result for r in results]
 
 
+def run_on_fake_devices(script: str, devices: int = 8) -> None:
+    """Runs Python `script` in one subprocess with `devices` fake CPU devices
+    (`--xla_force_host_platform_device_count`); it must exit 0 and print OK."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO)
+    print(proc.stdout)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
 # ----------------------------------------------------------------------------------------------- worker side
 
 

@@ -7,10 +7,9 @@ over `model`. The pipeline (`WhisperASR` with a mesh) must predict what it predi
 subprocess so that XLA_FLAGS only affects this check.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
+
+import multihost
 
 SCRIPT = textwrap.dedent("""
     import dataclasses, sys, tempfile
@@ -79,17 +78,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_on_8_devices(script: str) -> None:
-    """Runs `script` in a subprocess with 8 fake CPU devices; it must print OK."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(proc.stdout)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
-
-
 def test_sharded_decoding_matches_transformers():
-    _run_on_8_devices(SCRIPT)
+    multihost.run_on_fake_devices(SCRIPT)
 
 
 MMS_SCRIPT = textwrap.dedent("""
@@ -128,4 +118,4 @@ MMS_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_mms_matches_transformers():
-    _run_on_8_devices(MMS_SCRIPT)
+    multihost.run_on_fake_devices(MMS_SCRIPT)

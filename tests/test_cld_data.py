@@ -362,3 +362,29 @@ def test_shipped_corpus():
     corpus_dir = os.path.dirname(EMBEDDED_CORPUS)
     size = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(corpus_dir) for n in names)
     assert size <= 15e6
+
+
+@pytest.mark.parametrize("n, batch, processes", [(10, 4, 2), (11, 8, 4), (3, 4, 4), (8, 4, 1)])
+def test_process_records_split_every_global_batch_disjointly(n, batch, processes):
+    """Each process reads its contiguous batch/processes rows of every global batch; together, every example once,
+    then repeats of the last one (invalid) filling the final batch. Reference: the layout written out by hand."""
+    local = batch // processes
+    padded = -(-n // batch) * batch
+    per_process = [input_pipeline.process_records(n, batch, processes, p) for p in range(processes)]
+    for p, records in enumerate(per_process):
+        expected = [(min(k, n - 1), k < n) for start in range(0, padded, batch)
+                    for k in range(start + p * local, start + (p + 1) * local)]
+        assert records == expected
+    valid = sorted(i for records in per_process for i, ok in records if ok)
+    assert valid == list(range(n))  # disjoint and complete
+    assert sum(len(r) for r in per_process) == padded and all(not ok for r in per_process for i, ok in r if i >= n)
+    with pytest.raises(ValueError, match="does not split over"):
+        input_pipeline.process_records(n, 6, 4, 0)
+
+
+def test_process_records_by_hand():
+    """10 clips, global batches of 4, 2 processes: written out by hand."""
+    assert input_pipeline.process_records(10, 4, 2, 0) == [(0, True), (1, True), (4, True), (5, True), (8, True),
+                                                             (9, True)]
+    assert input_pipeline.process_records(10, 4, 2, 1) == [(2, True), (3, True), (6, True), (7, True), (9, False),
+                                                             (9, False)]

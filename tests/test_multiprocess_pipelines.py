@@ -98,7 +98,7 @@ def _solvers(job, num_processes: int, devices_per_process: int, out):
     return np.load(out / "results_0.npz")
 
 
-def test_extraction_cronos_and_kmeans_on_two_processes_equal_one_process(job, tmp_path):
+def test_extraction_cronos_kmeans_nn_head_and_supcon_on_two_processes_equal_one_process(job, tmp_path):
     one = _solvers(job, 1, 4, tmp_path / "one")
     two = _solvers(job, 2, 2, tmp_path / "two")
     assert not os.path.exists(tmp_path / "two" / "results_1.npz")  # process 1 wrote nothing, not even its cache
@@ -109,3 +109,7 @@ def test_extraction_cronos_and_kmeans_on_two_processes_equal_one_process(job, tm
         assert np.linalg.norm(two[name] - one[name]) <= 1e-3 * np.linalg.norm(one[name]), name
     np.testing.assert_array_equal(two["assignments"], one["assignments"])
     np.testing.assert_allclose(two["centroids"], one["centroids"], rtol=1e-5, atol=1e-6)
+    trained = [k for k in one.files if k.startswith(("nn.", "supcon."))]
+    assert any(k.startswith("nn.") for k in trained) and any(k.startswith("supcon.") for k in trained)
+    for name in trained:  # same batches, same dropout masks (drawn over the global batch): the same weights
+        assert np.linalg.norm(two[name] - one[name]) <= 1e-4 * max(np.linalg.norm(one[name]), 1e-12), name

@@ -13,7 +13,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from encoders import runtime
-from encoders.runtime import DistributedConfig, InitPlan, detect_cluster, plan_initialization
+from encoders.runtime import (
+    DistributedConfig,
+    InitPlan,
+    detect_cluster,
+    plan_initialization,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,10 +3,9 @@
 Runs in a subprocess so that XLA_FLAGS only affects this check.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
+
+import multihost
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -77,18 +76,9 @@ MESH_CHECKS = textwrap.dedent("""
 """)
 
 
-def run_on_8_devices(script: str) -> None:
-    """Runs `script` in a subprocess with 8 fake CPU devices; it must exit 0 and print OK."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(proc.stdout)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
-
-
 def test_sharded_equals_unsharded():
-    run_on_8_devices(SCRIPT)
+    multihost.run_on_fake_devices(SCRIPT)
 
 
 def test_mesh_uses_every_device_and_constrain_refuses_missing_axes():
-    run_on_8_devices(MESH_CHECKS)
+    multihost.run_on_fake_devices(MESH_CHECKS)

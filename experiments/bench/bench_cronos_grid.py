@@ -40,6 +40,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from encoders import runtime
 from experiments.bench.problems import make_data, pyscnn_to_cronos_layout, run_pyscnn
 from experiments.lib import report, runtime_flags
 
@@ -273,7 +274,8 @@ def main(argv):
         *_table(rows),
     ]
     report.write_markdown(_OUTPUT.value, "\n".join(lines))
-    _plot(rows, _PLOT.value)
+    if runtime.is_writer():
+        _plot(rows, _PLOT.value)
 
 
 if __name__ == "__main__":

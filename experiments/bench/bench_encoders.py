@@ -5,7 +5,7 @@ Each (model, framework) pair runs in its own subprocess so that peak memory
 shared. Timing separates the first call (compilation / warm-up) from the mean
 of `--iters` steady-state calls. Frameworks alternate over `--repeats` (>= 3)
 rounds, and each speed-up is a same-round ratio, reported as the median over
-rounds with its spread. Writes a markdown table to `--out`.
+rounds with its spread. Writes a markdown table to `--results_md`.
 
   python -m experiments.bench.bench_encoders
 """

@@ -204,12 +204,14 @@ def run(config: dict, output_dir: str, mesh=None) -> dict:
     writer = runtime.is_writer()
     config_path = os.path.join(output_dir, "config.json")
     pinned = json.loads(json.dumps({k: v for k, v in config.items() if k not in ("max_examples", "batch_size")}))
+    other_config = False
     if writer and os.path.exists(config_path):
         with open(config_path) as f:
-            if json.load(f) != pinned:
-                raise ValueError(f"{output_dir} holds predictions of another configuration ({config_path}); use "
-                                 "another --output_dir or delete it")
-    elif writer:
+            other_config = json.load(f) != pinned
+    if runtime.broadcast_from_writer(np.array(other_config)):  # every process raises, none waits on the others
+        raise ValueError(f"{output_dir} holds predictions of another configuration ({config_path}); use "
+                         "another --output_dir or delete it")
+    if writer and not os.path.exists(config_path):
         report.atomic_write_text(config_path, json.dumps(pinned, indent=2))
     splits = select_splits(config["dataset"], config["languages"], config["data_seed"], config["splits"],
                            config["max_examples"])

@@ -199,7 +199,8 @@ def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str, c
             admm_iters=cfg["admm_iters"], pcg_iters=cfg["pcg_iters"], gamma=cfg["gamma_ratio"], tol=cfg["tol"],
             seed=cfg["opt_seed"], mesh=mesh, validation=(Xval, yval), **common)
     if cfg["head"] == "nn":
-        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], checkpoint_dir=checkpoint_dir, **common)
+        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], checkpoint_dir=checkpoint_dir, mesh=mesh,
+                          **common)
     return LinearHead.fit(X, y, **common)
 
 

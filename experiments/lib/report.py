@@ -1,5 +1,4 @@
-"""Shared pieces of the binaries: the machine description, the run stamp, writing the file, and the
-`--compilation_cache_dir` flag of the binaries that fit heads or run cronos."""
+"""Shared pieces of the benchmark binaries: the machine description, the run stamp and writing the table."""
 
 from __future__ import annotations
 
