@@ -10,6 +10,12 @@ early-stopping heuristic with `early_stopping=False`), so results agree token
 for token. Compiled functions are cached by model structure and static
 settings; parameter values and traced settings (penalty, temperature) can
 change without recompiling.
+
+With a (`data`, `model`) mesh, the decoder's parameters are placed by the
+logical-axis rules (heads, MLP and vocabulary over `model`), the batch, the
+self-attention cache and the cross-attention states are split over `data` and
+their heads over `model`; the batch is padded to a multiple of the `data` axis
+with copies of its last row, which are dropped from the result.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from encoders import runtime
 
 NEG = -1.0e9
 
@@ -173,21 +181,40 @@ def _compiled(graphdef, opts: DecodeOptions):
     return jax.jit(run)
 
 
+def _place_rows(x, mesh, names, rows: int):
+    """`x` padded to `rows` rows (copies of its last row) and placed on `mesh` by logical `names`."""
+    sharding = runtime.logical_sharding(mesh, names)
+    if isinstance(x, jax.Array) and x.shape[0] == rows and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    x = runtime.to_host(x)
+    return runtime.place(np.concatenate([x, np.repeat(x[-1:], rows - len(x), 0)]), sharding)
+
+
 def generate(decoder, encoder_states, prompt, options: DecodeOptions, *, repetition_penalty: float = 1.0,
-             temperature: float = 0.0, seed: int = 0) -> GenerateOutput:
+             temperature: float = 0.0, seed: int = 0, mesh=None) -> GenerateOutput:
     """Decodes after `prompt` (B, P) (same length for every row) given encoder states (B, S, D).
 
     `num_beams == 1`: greedy (temperature 0) or sampling at `temperature`;
-    `num_beams > 1`: beam search (temperature ignored).
+    `num_beams > 1`: beam search (temperature ignored). With `mesh`, the decoder's parameters are placed on
+    it (in place, `runtime.shard_model`) and the batch is split over its `batch` axis (padded to a multiple of it).
     """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[0] != encoder_states.shape[0]:
-        raise ValueError(f"prompt must be (batch, length) with batch {encoder_states.shape[0]}, got {prompt.shape}")
+    if np.ndim(prompt) != 2 or np.shape(prompt)[0] != encoder_states.shape[0]:
+        raise ValueError(f"prompt must be (batch, length) with batch {encoder_states.shape[0]}, "
+                         f"got {np.shape(prompt)}")
     limit = decoder.config.max_target_positions
-    if prompt.shape[1] + options.max_new_tokens > limit:
-        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({options.max_new_tokens}) exceeds the "
+    batch, length = np.shape(prompt)
+    if length + options.max_new_tokens > limit:
+        raise ValueError(f"prompt ({length}) + max_new_tokens ({options.max_new_tokens}) exceeds the "
                          f"decoder's {limit} positions")
+    if mesh is None:
+        encoder_states, prompt = jnp.asarray(encoder_states), jnp.asarray(prompt, jnp.int32)
+    else:
+        runtime.shard_model(decoder, mesh)  # a no-op when the decoder is already placed
+        rows = runtime.padded_size(batch, mesh)
+        encoder_states = _place_rows(encoder_states, mesh, ("batch", "length", "embed"), rows)
+        prompt = _place_rows(np.asarray(prompt, np.int32), mesh, ("batch", "length"), rows)
     graphdef, state = nnx.split(decoder)
-    out = _compiled(graphdef, options)(state, encoder_states, prompt, jnp.float32(repetition_penalty),
-                                       jnp.float32(temperature), jax.random.key(seed))
-    return GenerateOutput(*(np.asarray(x) for x in out))
+    with runtime.mesh_context(mesh):
+        out = _compiled(graphdef, options)(state, encoder_states, prompt, jnp.float32(repetition_penalty),
+                                           jnp.float32(temperature), jax.random.key(seed))
+    return GenerateOutput(*(runtime.to_host(x)[:batch] for x in out))

@@ -26,7 +26,7 @@ from flax import nnx
 
 from asr.model import check_head
 from asr.whisper_pipeline import as_clip_list, padded_batches
-from encoders import loading, pooling
+from encoders import loading, pooling, runtime
 from encoders.audio import SAMPLE_RATE, normalize
 from encoders.wav2vec2 import Wav2Vec2Encoder
 
@@ -99,8 +99,12 @@ class MMSASR:
 
     def __init__(self, encoder: Wav2Vec2Encoder, lm_heads: dict, vocabularies: dict, languages=None,
                  iso3: dict | None = None, batch_size: int = 8, chunk_seconds: float = CHUNK_SECONDS,
-                 context_seconds: float = CONTEXT_SECONDS):
+                 context_seconds: float = CONTEXT_SECONDS, mesh=None):
         self.encoder, self.lm_heads, self.vocabularies = encoder, lm_heads, vocabularies
+        self.mesh = mesh
+        if mesh is not None:  # parameters by the rules table; every batch split over the `batch` axis
+            runtime.shard_model(encoder, mesh)
+            batch_size = runtime.padded_size(batch_size, mesh)
         self.iso3 = dict(ISO_639_3 if iso3 is None else iso3)
         self.batch_size = batch_size
         self.samples_per_frame = int(np.prod(encoder.config.conv_stride))
@@ -118,8 +122,11 @@ class MMSASR:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, languages=None, *, iso3: dict | None = None, batch_size: int = 8,
-                        chunk_seconds: float = CHUNK_SECONDS, context_seconds: float = CONTEXT_SECONDS) -> "MMSASR":
-        """Loads backbone, main `lm_head` and `vocab.json` of a Wav2Vec2ForCTC (MMS) checkpoint directory."""
+                        chunk_seconds: float = CHUNK_SECONDS, context_seconds: float = CONTEXT_SECONDS,
+                        mesh=None) -> "MMSASR":
+        """Loads backbone, main `lm_head` and `vocab.json` of a Wav2Vec2ForCTC (MMS) checkpoint directory; with
+        `mesh`, the encoder runs sharded on it (batch over `data`, heads / MLP over `model`; the batch size is
+        rounded up to a multiple of the `data` axis)."""
         model_dir = loading.resolve_model_dir(name_or_path)
         encoder = Wav2Vec2Encoder.from_pretrained(model_dir)
         tensors = loading.load_state_dict(model_dir)
@@ -130,7 +137,7 @@ class MMSASR:
         nested = all(isinstance(v, dict) for v in vocab.values())
         vocabularies = {k: CTCVocabulary(v) for k, v in vocab.items()} if nested else {None: CTCVocabulary(vocab)}
         lm_heads = {None: (jnp.asarray(tensors["lm_head.weight"].T), jnp.asarray(tensors["lm_head.bias"]))}
-        model = cls(encoder, lm_heads, vocabularies, languages, iso3, batch_size, chunk_seconds, context_seconds)
+        model = cls(encoder, lm_heads, vocabularies, languages, iso3, batch_size, chunk_seconds, context_seconds, mesh)
         model.encoder_name = name_or_path
         return model
 
@@ -170,6 +177,8 @@ class MMSASR:
             except FileNotFoundError:
                 file = loading.resolve_file(self.encoder.source, f"adapter.{code}.bin")
             self.encoder.load_adapter(file)
+            if self.mesh is not None:
+                runtime.shard_model(self.encoder, self.mesh)
             self._adapters[code] = self._adapter_values()
             tensors = loading.load_tensor_file(file)
             self.lm_heads[code] = (jnp.asarray(tensors["lm_head.weight"].T), jnp.asarray(tensors["lm_head.bias"]))
@@ -198,7 +207,14 @@ class MMSASR:
                 for r, i in enumerate(rows):
                     samples = group[i][1]
                     audio[r, : len(samples)], mask[r, : len(samples)] = normalize(samples), True
-                hidden = self.encoder(audio, attention_mask=mask)
+                if self.mesh is None:
+                    hidden = self.encoder(audio, attention_mask=mask)
+                else:
+                    self.encoder.check_lengths(mask.sum(-1))  # on the host: the placed mask may span processes
+                    batch = runtime.logical_sharding(self.mesh, ("batch", None))
+                    with runtime.mesh_context(self.mesh):
+                        hidden = runtime.to_host(self.encoder(runtime.place(audio, batch),
+                                                              attention_mask=runtime.place(mask, batch)))
                 frames = np.asarray(self.encoder.frame_lengths(mask.sum(-1)))
                 kept = np.zeros(hidden.shape[:2], bool)
                 for r, i in enumerate(rows):

@@ -16,8 +16,10 @@ import numpy as np
 from flax import nnx
 
 from encoders import loading
-from encoders.layers import Attention, Dense, LayerNorm, activation
-from encoders.whisper import Embed
+from encoders.layers import STACKED_CACHE_AXES, Attention, Dense, Embedding, LayerNorm, activation
+from encoders.runtime import constrain
+
+ACTIVATION_AXES = ("batch", "length", "embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,26 +44,6 @@ class WhisperDecoderConfig:
         return loading.dataclass_from_config(cls, config)
 
 
-def _heads(x, num_heads):
-    """(B, t, D) -> (B, N, t, H): heads-major, the layout batched matmuls read without a copy."""
-    b, t, d = x.shape
-    return x.reshape(b, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
-
-
-def _attend(q, k, v, mask=None):
-    """Softmax attention (float32 scores) of q (B, N, t, H) over k, v (B, N, S, H); mask (t, S) bool.
-
-    Keys and values are kept heads-major so that the cached cross-attention states are read in place at
-    every decoding step (a (B, S, N, H) layout makes XLA transpose all of them per step)."""
-    s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1)
-    y = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    b, n, t, h = y.shape
-    return y.astype(q.dtype).transpose(0, 2, 1, 3).reshape(b, t, n * h)
-
-
 class WhisperDecoderLayer(nnx.Module):
     """x + self_attn(LN(x)) (causal, cached); x + encoder_attn(LN(x)); x + fc2(act(fc1(LN(x))))."""
 
@@ -77,31 +59,17 @@ class WhisperDecoderLayer(nnx.Module):
         self.fc2 = Dense(cfg.decoder_ffn_dim, d, ("mlp", "embed"), **kw)
         self.final_layer_norm = LayerNorm(d, **ln)
         self.act = activation(cfg.activation_function)
-        self.num_heads = cfg.decoder_attention_heads
-
-    def cross_kv(self, encoder_states):
-        """Cross-attention keys and values (B, N, S, H) of the encoder states."""
-        attn = self.encoder_attn
-        return _heads(attn.k_proj(encoder_states), self.num_heads), _heads(attn.v_proj(encoder_states), self.num_heads)
 
     def __call__(self, x, k_cache, v_cache, index, offset, cross_k, cross_v):
         """x (B, t, D) at positions offset..offset+t-1; k_cache, v_cache (layers, B, N, L, H) of all layers, this
-        one at `index`; returns (x, k_cache, v_cache) with this layer's new keys and values written in place."""
-        t = x.shape[1]
-        scale = (x.shape[-1] // self.num_heads) ** -0.5
-        h = self.self_attn_layer_norm(x)
-        q = _heads(self.self_attn.q_proj(h) * scale, self.num_heads)
-        k = _heads(self.self_attn.k_proj(h), self.num_heads).astype(k_cache.dtype)
-        v = _heads(self.self_attn.v_proj(h), self.num_heads).astype(v_cache.dtype)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None], (index, 0, 0, offset, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None], (index, 0, 0, offset, 0))
-        causal = jnp.arange(k_cache.shape[3])[None, :] <= offset + jnp.arange(t)[:, None]
-        x = x + self.self_attn.out_proj(_attend(q, k_cache[index], v_cache[index], causal))
-        h = self.encoder_attn_layer_norm(x)
-        q = _heads(self.encoder_attn.q_proj(h) * scale, self.num_heads)
-        x = x + self.encoder_attn.out_proj(_attend(q, cross_k, cross_v))
+        one at `index`; cross_k, cross_v (B, N, S, H). Returns (x, k_cache, v_cache) with this layer's new keys
+        and values written in place."""
+        y, k_cache, v_cache = self.self_attn.attend_cached(self.self_attn_layer_norm(x), k_cache, v_cache, index,
+                                                           offset)
+        x = x + y
+        x = x + self.encoder_attn.attend(self.encoder_attn_layer_norm(x), cross_k, cross_v)
         x = x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
-        return x, k_cache, v_cache
+        return constrain(x, ACTIVATION_AXES), k_cache, v_cache
 
 
 class WhisperDecoder(nnx.Module):
@@ -109,14 +77,18 @@ class WhisperDecoder(nnx.Module):
 
     For generation, `cross_kv` is computed once per audio, `init_cache` allocates
     the self-attention cache for a fixed maximum length and `decode` runs t new
-    tokens at position `offset` (static shapes; `offset` may be traced).
+    tokens at position `offset` (static shapes; `offset` may be traced). Caches and
+    cross-attention states are heads-major (layers, B, N, S, H) with the logical
+    names (None, cache_batch, cache_heads, cache_length, cache_kv).
     """
 
     def __init__(self, config: WhisperDecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         cfg = config
         self.config = cfg
-        self.embed_tokens = Embed(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model)), param_dtype)
-        self.embed_positions = Embed(np.zeros((cfg.max_target_positions, cfg.d_model), np.float32), param_dtype)
+        self.embed_tokens = Embedding(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.d_model)),
+                                      ("vocab", "embed"), param_dtype)
+        self.embed_positions = Embedding(np.zeros((cfg.max_target_positions, cfg.d_model), np.float32),
+                                         ("positions", "embed"), param_dtype)
         self.layers = nnx.List([WhisperDecoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                                 for _ in range(cfg.decoder_layers)])
         self.layer_norm = LayerNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype)
@@ -124,8 +96,10 @@ class WhisperDecoder(nnx.Module):
 
     def cross_kv(self, encoder_states):
         """Per-layer cross-attention (keys, values), each stacked to (layers, B, N, S, H)."""
-        kvs = [layer.cross_kv(encoder_states.astype(self.dtype)) for layer in self.layers]
-        return jnp.stack([k for k, _ in kvs]), jnp.stack([v for _, v in kvs])
+        states = constrain(encoder_states.astype(self.dtype), ACTIVATION_AXES)
+        kvs = [layer.encoder_attn.keys_values(states) for layer in self.layers]
+        return (constrain(jnp.stack([k for k, _ in kvs]), STACKED_CACHE_AXES),
+                constrain(jnp.stack([v for _, v in kvs]), STACKED_CACHE_AXES))
 
     def init_cache(self, batch: int, length: int | None = None):
         """Zero self-attention cache (keys, values), each (layers, B, N, length, H); length defaults to the maximum."""
@@ -133,7 +107,8 @@ class WhisperDecoder(nnx.Module):
         length = cfg.max_target_positions if length is None else length
         shape = (cfg.decoder_layers, batch, cfg.decoder_attention_heads, length,
                  cfg.d_model // cfg.decoder_attention_heads)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        zeros = lambda: constrain(jnp.zeros(shape, self.dtype), STACKED_CACHE_AXES)
+        return zeros(), zeros()
 
     def decode(self, tokens, offset, cache, cross):
         """Logits (B, t, vocab) of `tokens` (B, t) placed at `offset`; returns (logits, updated cache)."""
@@ -143,13 +118,13 @@ class WhisperDecoder(nnx.Module):
         if self.config.scale_embedding:
             x = x * jnp.sqrt(jnp.asarray(self.config.d_model, self.dtype))
         positions = jax.lax.dynamic_slice_in_dim(self.embed_positions.embedding.get_value(), offset, t)
-        x = x + positions.astype(self.dtype)
+        x = constrain(x + positions.astype(self.dtype), ACTIVATION_AXES)
         k_cache, v_cache = cache
         for i, layer in enumerate(self.layers):
             x, k_cache, v_cache = layer(x, k_cache, v_cache, i, offset, cross[0][i], cross[1][i])
         x = self.layer_norm(x)
         logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
-        return logits, (k_cache, v_cache)
+        return constrain(logits, ("batch", "length", "vocab")), (k_cache, v_cache)
 
     def __call__(self, tokens, encoder_states):
         """Teacher-forced logits (B, t, vocab) for `tokens` (B, t) given encoder states (B, S, D)."""

@@ -6,6 +6,10 @@ prompt `<|startoftranscript|><|lang|><|transcribe|><|notimestamps|>` and merged.
 Decoding follows the published CLD settings: repetition penalty 1.1 and
 temperature fallback (0.0, 0.2, ..., 1.0) when the zlib compression ratio of a
 window's text exceeds 1.35 or its average log-probability is below -1.0.
+
+With a (`data`, `model`) mesh, encoder and decoder parameters are placed by the
+logical-axis rules and every batch is split over `data` (the batch size is
+rounded up to a multiple of it).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from flax import nnx
 from asr.generate import DecodeOptions, generate
 from asr.model import check_head
 from asr.whisper_decoder import WhisperDecoder
-from encoders import loading, pooling
+from encoders import loading, pooling, runtime
 from encoders.audio import SAMPLE_RATE, log_mel_spectrogram, pad_or_trim, validate_audio
 from encoders.whisper import WhisperEncoder
 
@@ -175,25 +179,50 @@ class EncodedClips:
 
 
 class WhisperASR:
-    """Whisper encoder + decoder with CLD language selection; `predict(audio) -> (langs, texts)`."""
+    """Whisper encoder + decoder with CLD language selection; `predict(audio) -> (langs, texts)`.
+
+    With `mesh`, the encoder's and decoder's parameters are placed on it (in place) and encoding, language
+    detection and decoding run sharded: batches over `data`, heads / MLP / vocabulary over `model`.
+    """
 
     def __init__(self, encoder: WhisperEncoder, decoder: WhisperDecoder, tokens: WhisperTokens,
-                 languages=None, config: WhisperDecodingConfig = WhisperDecodingConfig()):
+                 languages=None, config: WhisperDecodingConfig = WhisperDecodingConfig(), mesh=None):
         self.encoder, self.decoder, self.tokens, self.config = encoder, decoder, tokens, config
         self.languages = self._check_decodable(languages) if languages is not None else None
         self.head = None
         self.encoder_name = None  # what the checkpoint was loaded as (compared with a head's metadata "encoder")
+        self.mesh = mesh
+        if mesh is not None:
+            runtime.shard_model(encoder, mesh)
+            runtime.shard_model(decoder, mesh)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, languages=None, *, dtype=jnp.float32,
-                        config: WhisperDecodingConfig = WhisperDecodingConfig()) -> "WhisperASR":
-        """Loads encoder, decoder and special tokens of a Whisper checkpoint (local directory or Hub id)."""
+                        config: WhisperDecodingConfig = WhisperDecodingConfig(), mesh=None) -> "WhisperASR":
+        """Loads encoder, decoder and special tokens of a Whisper checkpoint (local directory or Hub id); with
+        `mesh`, runs sharded on it (see the class)."""
         model_dir = loading.resolve_model_dir(name_or_path)
         decoder = WhisperDecoder.from_pretrained(model_dir, dtype=dtype)
         tokens = WhisperTokens.from_model_dir(model_dir, decoder.config.vocab_size)
-        model = cls(WhisperEncoder.from_pretrained(model_dir, dtype=dtype), decoder, tokens, languages, config)
+        model = cls(WhisperEncoder.from_pretrained(model_dir, dtype=dtype), decoder, tokens, languages, config,
+                    mesh)
         model.encoder_name = name_or_path
         return model
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per encoder / decoder batch: `config.batch_size` rounded up to a multiple of the `batch` axis."""
+        return runtime.padded_size(self.config.batch_size, self.mesh)
+
+    def _batches(self, n: int):
+        """`padded_batches` of rows 0..n-1 at `batch_size`."""
+        return padded_batches(list(range(n)), self.batch_size)
+
+    def _place(self, rows: np.ndarray, names) -> jax.Array:
+        """A host batch on the device(s): split by logical `names` over the mesh, if any."""
+        if self.mesh is None:
+            return jnp.asarray(rows)
+        return runtime.place(rows, runtime.logical_sharding(self.mesh, names))
 
     @property
     def decodable_languages(self) -> tuple[str, ...]:
@@ -217,8 +246,9 @@ class WhisperASR:
     def _encode(self, windows: list[np.ndarray]) -> np.ndarray:
         """Encoder states (N, 1500, D) of windows, in fixed-size batches (one compilation)."""
         mels = log_mel_spectrogram(np.stack([pad_or_trim(w) for w in windows]), self.encoder.config.num_mel_bins)
-        out = [np.asarray(self.encoder(mels[rows]))[: len(idx)]
-               for idx, rows in padded_batches(list(range(len(mels))), self.config.batch_size)]
+        with runtime.mesh_context(self.mesh):
+            out = [runtime.to_host(self.encoder(self._place(mels[rows], ("batch", None, None))))[: len(idx)]
+                   for idx, rows in self._batches(len(mels))]
         return np.concatenate(out)
 
     def encode(self, audio, sampling_rate: int = SAMPLE_RATE) -> EncodedClips:
@@ -246,10 +276,13 @@ class WhisperASR:
         """(n_clips, len(candidates)) Whisper's log-probabilities of the candidates' language tokens after
         `<|startoftranscript|>` (softmax over the whole vocabulary), averaged over each clip's windows."""
         ids = jnp.asarray([self.tokens.lang_to_id[c] for c in candidates])
-        first = np.concatenate([
-            np.asarray(_first_step_logits(self.decoder, jnp.asarray(encoded.states[rows]), self.tokens.sot, ids))[: len(idx)]
-            for idx, rows in padded_batches(list(range(len(encoded.states))), self.config.batch_size)])
-        return per_clip_mean(first, encoded.clip_of, encoded.n_clips)
+        first = []
+        with runtime.mesh_context(self.mesh):
+            for idx, rows in self._batches(len(encoded.states)):
+                states = self._place(encoded.states[rows], ("batch", "length", "embed"))
+                logprobs = _first_step_logits(self.decoder, states, self.tokens.sot, ids)
+                first.append(runtime.to_host(logprobs)[: len(idx)])
+        return per_clip_mean(np.concatenate(first), encoded.clip_of, encoded.n_clips)
 
     def detect_languages(self, encoded: EncodedClips) -> list[str]:
         """One language per clip: the head on the clip's pooled windows (the head's pooling), else Whisper's own
@@ -282,10 +315,10 @@ class WhisperASR:
             opts = DecodeOptions(min(cfg.max_new_tokens, self.decoder.config.max_target_positions - 4), self.tokens.eot, beams, cfg.length_penalty,
                                  self.tokens.suppress_tokens, self.tokens.begin_suppress_tokens)
             retry = []
-            for idx, rows in padded_batches(pending, cfg.batch_size):
-                out = generate(self.decoder, jnp.asarray(states[rows]),
-                               np.array([self.tokens.prompt(langs[j]) for j in rows]), opts,
-                               repetition_penalty=cfg.repetition_penalty, temperature=temperature, seed=t_index)
+            for idx, rows in padded_batches(pending, self.batch_size):
+                out = generate(self.decoder, states[rows], np.array([self.tokens.prompt(langs[j]) for j in rows]),
+                               opts, repetition_penalty=cfg.repetition_penalty, temperature=temperature,
+                               seed=t_index, mesh=self.mesh)
                 for r, j in enumerate(idx):
                     ids = out.tokens[r, : out.lengths[r]].tolist()
                     text = self.tokens.decode(ids)

@@ -9,7 +9,13 @@ or in one line: `cronos.ConvexReLUClassifier().fit(X, y).predict(X_test)` (a sci
 estimator). `cronos.enable_compilation_cache()` keeps compiled solves on disk across processes.
 """
 
-from cronos.admm import ADMMConfig, NonFiniteIterateError, SolveResult, default_config, solve
+from cronos.admm import (
+    ADMMConfig,
+    NonFiniteIterateError,
+    SolveResult,
+    default_config,
+    solve,
+)
 from cronos.compilation_cache import enable_compilation_cache
 from cronos.estimator import ConvexReLUClassifier, NotFittedError
 from cronos.jaxcld_mode import JaxcldConfig

@@ -47,9 +47,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cronos import nystrom, pcg as pcg_lib
+from cronos import nystrom
+from cronos import pcg as pcg_lib
 from cronos.problems import (
     ConvexReLU,
     GatedReLU,
@@ -579,14 +581,18 @@ class SolveResult:
         return self._flop_counter(self.history["pcg_iterations"])
 
 
-def _pad_rows(mesh: Mesh | None, *arrays):
-    if mesh is None:
-        return arrays
-    if "data" not in mesh.axis_names:
-        raise ValueError(f"mesh must have a 'data' axis for row sharding; got axes {mesh.axis_names}.")
-    shards = mesh.shape["data"]
-    n = arrays[0].shape[0]
-    pad = (-n) % shards
+def _row_shards(mesh: Mesh | None, rows_axis: str | None) -> int:
+    """Devices the rows are split over: the size of `rows_axis` of `mesh` (1 without a mesh or for None)."""
+    if mesh is None or rows_axis is None:
+        return 1
+    if rows_axis not in mesh.axis_names:
+        raise ValueError(f"rows_axis {rows_axis!r} is not an axis of the mesh (axes {tuple(mesh.axis_names)}); "
+                         "name one of them, or None to replicate the rows.")
+    return int(mesh.shape[rows_axis])
+
+
+def _pad_rows(mesh: Mesh | None, rows_axis: str | None, *arrays):
+    pad = (-arrays[0].shape[0]) % _row_shards(mesh, rows_axis)
     return tuple(np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a for a in arrays)
 
 
@@ -603,8 +609,8 @@ def check_validation(validation, problem) -> tuple[np.ndarray, np.ndarray]:
     return Xval, yval
 
 
-def place_rows(mesh: Mesh | None, X, Dm, Y):
-    """Device copies (X, X^T, D, Y, row sharding or None): rows over the mesh's `data` axis when given.
+def place_rows(mesh: Mesh | None, rows_axis: str | None, X, Dm, Y):
+    """Device copies (X, X^T, D, Y, row sharding or None): rows over the mesh's `rows_axis` when given.
 
     X^T is stored contiguously: X^T @ Z runs ~1.8x faster than a transposed GEMM on CPU.
     """
@@ -613,9 +619,30 @@ def place_rows(mesh: Mesh | None, X, Dm, Y):
         return jnp.asarray(X), jnp.asarray(XT), jnp.asarray(Dm), jnp.asarray(Y), None
     # GSPMD propagation inside the solve: view the same devices as an Auto-typed mesh.
     mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
-    row_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    X, Dm, Y = (jax.device_put(a, row_sharding) for a in (X, Dm, Y))
-    return X, jax.device_put(XT, NamedSharding(mesh, PartitionSpec(None, "data"))), Dm, Y, row_sharding
+    row_sharding = NamedSharding(mesh, PartitionSpec(rows_axis))
+    X, Dm, Y = (_place(a, row_sharding) for a in (X, Dm, Y))
+    return X, _place(XT, NamedSharding(mesh, PartitionSpec(None, rows_axis))), Dm, Y, row_sharding
+
+
+def _place(value, sharding: NamedSharding) -> jax.Array:
+    """A host array identical on every process -> a global array with `sharding` (each process places its own
+    shards: jax.device_put cannot reach devices of other processes)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _to_host(x) -> np.ndarray:
+    """The full value of a (possibly multi-process) array as NumPy, on every process."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _local(x: jax.Array) -> jax.Array:
+    """`x`, or for an array spanning other processes its full value as an array of this process."""
+    return x if x.is_fully_addressable else jnp.asarray(_to_host(x))
 
 
 DIRECT_MAX_SAMPLES = 2048  # n above which the O(n^3) setup of the direct solve costs more than PCG saves
@@ -639,6 +666,7 @@ def solve(
     tol: float | None = None,
     validation: tuple[Any, Any] | None = None,
     mesh: Mesh | None = None,
+    rows_axis: str | None = "data",
 ) -> SolveResult:
     """Solves a convex ReLU or gated ReLU program with CRONOS.
 
@@ -650,8 +678,10 @@ def solve(
       key: PRNG key for the Nyström sketch (default `jax.random.key(0)`); same key, same result.
       tol: tolerance of the default exact path (default 1e-4); with an `ADMMConfig` it replaces `config.tol`.
       validation: optional (X_val, y_val) with integer labels; fills history["val_accuracy"].
-      mesh: optional device mesh with a `data` axis; rows of X, D and Y are sharded over it
-        (zero rows pad n to a multiple of the axis size, which leaves the program unchanged).
+      mesh: optional device mesh; rows of X, D and Y are sharded over its `rows_axis` (zero rows pad n to a
+        multiple of the axis size, which leaves the program unchanged). On a mesh spanning several processes,
+        `problem` and `validation` must be the full data, identical on every process; so is the result.
+      rows_axis: the mesh axis the rows are split over (None: replicated on every device of the mesh).
     """
     if not isinstance(problem, (ConvexReLU, GatedReLU)):
         raise TypeError(f"problem must be cronos.ConvexReLU or cronos.GatedReLU, got {type(problem).__name__}.")
@@ -660,7 +690,8 @@ def solve(
     if isinstance(config, jaxcld_mode.JaxcldConfig):
         if tol is not None:
             raise ValueError("JaxcldConfig runs fixed iteration counts; it takes no tol.")
-        return jaxcld_mode.solve_jaxcld(problem, config, key, validation=validation, mesh=mesh)
+        return jaxcld_mode.solve_jaxcld(problem, config, key, validation=validation, mesh=mesh,
+                                        rows_axis=rows_axis)
     if config is None:
         config = default_config(problem, 1e-4 if tol is None else tol)
     elif not isinstance(config, ADMMConfig):
@@ -681,7 +712,7 @@ def solve(
     X = (problem.X / scale).astype(dtype)
     Dm = problem.patterns.astype(dtype)
     Y = problem.Y.astype(dtype)
-    X, Dm, Y = _pad_rows(mesh, X, Dm, Y)
+    X, Dm, Y = _pad_rows(mesh, rows_axis, X, Dm, Y)
 
     Xval = yval = Dval = None
     if validation is not None:
@@ -693,7 +724,7 @@ def solve(
         Xval, yval = jnp.asarray((Xval / scale).astype(dtype)), jnp.asarray(yval.astype(np.int32))
         Dval = None if Dval is None else jnp.asarray(Dval)
 
-    X, XT, Dm, Y, row_sharding = place_rows(mesh, X, Dm, Y)
+    X, XT, Dm, Y, row_sharding = place_rows(mesh, rows_axis, X, Dm, Y)
 
     statics = _Statics(
         has_cone=problem.has_cone, rank=int(config.rank), admm_iters=int(config.admm_iters),
@@ -712,8 +743,11 @@ def solve(
     jax.block_until_ready(v)
     run_seconds = time.perf_counter() - start
 
+    v = _local(v)
+    k, converged, rho, history, eigvals, best_bound = jax.tree.map(_to_host, (k, converged, rho, history, eigvals,
+                                                                              best_bound))
     iterations = int(k)
-    history = {name: np.asarray(values)[:iterations] for name, values in history.items()}
+    history = {name: values[:iterations] for name, values in history.items()}
     _check_finite_iterates(history, v, problem, scale)
     v = jnp.transpose(v, (1, 2, 0, 3)) / jnp.asarray(scale, dtype)  # (C, H, d, P), back to the unscaled X
 
@@ -723,7 +757,7 @@ def solve(
     return SolveResult(
         v=v[:, 0], w=v[:, 1] if problem.has_cone else None, history=history, iterations=iterations,
         converged=bool(converged), rho=float(rho), compile_seconds=compile_seconds, run_seconds=run_seconds,
-        nystrom_eigvals=np.asarray(eigvals), gates=problem.gates, has_cone=problem.has_cone,
+        nystrom_eigvals=eigvals, gates=problem.gates, has_cone=problem.has_cone,
         lower_bound=float(best_bound), _flop_counter=count_flops,
     )
 

@@ -47,7 +47,9 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None, *, min_
     if current != directory:
         if current:
             # JAX binds its cache object to the first directory it used; rebind it to the new one.
-            from jax.experimental.compilation_cache import compilation_cache as jax_cache  # noqa: PLC0415
+            from jax.experimental.compilation_cache import (
+                compilation_cache as jax_cache,  # noqa: PLC0415
+            )
 
             jax_cache.reset_cache()
         jax.config.update("jax_compilation_cache_dir", directory)

@@ -112,8 +112,10 @@ class ConvexReLUClassifier:
       dtype: "float32" or "float64" (needs `jax.config.update("jax_enable_x64", True)`).
       gated: solve the gated-ReLU program instead.
       random_state: integer seed of the patterns (gates) and of the Nyström sketch.
-      mesh: optional jax Mesh with a `data` axis to shard the rows over (pickled as its device ids and
-        rebuilt on unpickling when those devices exist, else None).
+      mesh: optional jax Mesh to shard the rows over (pickled as its device ids and rebuilt on unpickling when
+        those devices exist, else None). On a mesh spanning several processes, fit on the full data, identical
+        on every process.
+      rows_axis: the mesh axis the rows are split over (None: replicated).
       compilation_cache: True enables JAX's persistent compilation cache at fit
         (`cronos.enable_compilation_cache()`), a path enables it there, False leaves JAX's config alone.
 
@@ -125,7 +127,7 @@ class ConvexReLUClassifier:
 
     def __init__(self, n_patterns: int = 64, beta: float = 1e-3, *, tol: float = 1e-4, max_iter: int = 3000,
                  solver: str = "auto", dtype: str = "float32", gated: bool = False, random_state: int = 0,
-                 mesh=None, compilation_cache: bool | str = True):
+                 mesh=None, rows_axis: str | None = "data", compilation_cache: bool | str = True):
         self.n_patterns = n_patterns
         self.beta = beta
         self.tol = tol
@@ -135,6 +137,7 @@ class ConvexReLUClassifier:
         self.gated = gated
         self.random_state = random_state
         self.mesh = mesh
+        self.rows_axis = rows_axis
         self.compilation_cache = compilation_cache
 
     # --- scikit-learn estimator protocol ---------------------------------------------------------------
@@ -242,8 +245,13 @@ class ConvexReLUClassifier:
             raise ValueError(f"{name}: gated must be True or False, got {self.gated!r}.")
         if not integer(self.random_state) or self.random_state < 0:
             raise ValueError(f"{name}: random_state must be a non-negative integer seed, got {self.random_state!r}.")
-        if self.mesh is not None and "data" not in getattr(self.mesh, "axis_names", ()):
-            raise ValueError(f"{name}: mesh must be None or a jax Mesh with a 'data' axis, got {self.mesh!r}.")
+        if self.mesh is not None and not hasattr(self.mesh, "axis_names"):
+            raise ValueError(f"{name}: mesh must be None or a jax Mesh, got {self.mesh!r}.")
+        if self.rows_axis is not None and not isinstance(self.rows_axis, str):
+            raise ValueError(f"{name}: rows_axis must be a mesh axis name or None, got {self.rows_axis!r}.")
+        if self.mesh is not None and self.rows_axis is not None and self.rows_axis not in self.mesh.axis_names:
+            raise ValueError(f"{name}: rows_axis {self.rows_axis!r} is not an axis of the mesh "
+                             f"(axes {tuple(self.mesh.axis_names)}).")
         cache = self.compilation_cache
         if not isinstance(cache, (bool, np.bool_, str, os.PathLike)) or (isinstance(cache, str) and not cache):
             raise ValueError(f"{name}: compilation_cache must be True, False or a directory path, "
@@ -295,7 +303,8 @@ class ConvexReLUClassifier:
         gates = np.asarray(sample_gates(pattern_key, X.shape[1], int(self.n_patterns), dtype=X.dtype))
         program = GatedReLU if self.gated else ConvexReLU
         problem = program(X, y_int, patterns=patterns, beta=float(self.beta), gates=gates)
-        result = solve(problem, self._config(problem), sketch_key, validation=validation, mesh=self.mesh)
+        result = solve(problem, self._config(problem), sketch_key, validation=validation, mesh=self.mesh,
+                       rows_axis=self.rows_axis)
         self.result_: SolveResult = _host_result(result)
         self.classes_ = classes
         self.n_features_in_ = X.shape[1]

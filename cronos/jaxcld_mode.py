@@ -44,7 +44,17 @@ from jax import lax
 from jax.scipy.linalg import solve_triangular
 from jax.sharding import Mesh
 
-from cronos.admm import SolveResult, _compiled, _flops_of, _pad_rows, check_validation, place_rows
+from cronos.admm import (
+    SolveResult,
+    _compiled,
+    _flops_of,
+    _local,
+    _pad_rows,
+    _place,
+    _to_host,
+    check_validation,
+    place_rows,
+)
 from cronos.problems import ConvexReLU, GatedReLU, dual_bound, features_times_patterns
 
 __all__ = ["JaxcldConfig", "solve_jaxcld"]
@@ -277,7 +287,8 @@ def _count_flops(X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval, statics: _Stat
     U, S, b1 = setup_exe(*setup_args)
     carry = _initial_carry(X.shape[0], X.shape[1], Y.shape[1], Dm.shape[1], statics._replace(row_sharding=None))
     if statics.row_sharding is not None:
-        carry = carry._replace(s=jax.device_put(carry.s, statics.row_sharding), nu=jax.device_put(carry.nu, statics.row_sharding))
+        carry = carry._replace(s=_place(carry.s, statics.row_sharding),
+                               nu=_place(carry.nu, statics.row_sharding))
     step_exe, _ = _compiled(_jaxcld_step_once, statics, (X, XT, Dm, Y, b1, U, S) + tuple(carry) + (beta, rho, gamma, Xval, yval))
     pcg_args = (X, XT, Dm, U, S, rho, b1, b1, b1, b1, jnp.asarray(1.0, _DTYPE))
     pcg_exe, _ = _compiled(_jaxcld_pcg_iteration, statics, pcg_args)
@@ -295,7 +306,8 @@ def _count_flops(X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval, statics: _Stat
     }
 
 
-def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, mesh: Mesh | None = None) -> SolveResult:
+def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, mesh: Mesh | None = None,
+                 rows_axis: str | None = "data") -> SolveResult:
     """Runs jaxcld 0.2.4's `admm` on a ConvexReLU program; iterates equal jaxcld's up to float32 rounding.
 
     Args:
@@ -304,7 +316,8 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
       key: PRNG key, jaxcld's `seed` (default `jax.random.key(0)`).
       validation: optional (X_val, y_val) with integer labels; fills history["val_accuracy"] with the accuracy
         of the Theorem-1 network after every iteration (jaxcld's metrics["val_acc"]).
-      mesh: optional mesh with a `data` axis; rows of X, D and Y are sharded over it (zero rows pad n).
+      mesh, rows_axis: optional mesh whose `rows_axis` (None: replicated) the rows of X, D and Y are sharded over
+        (zero rows pad n); as in `cronos.solve`, on several processes the data is the full data on every one.
     Usually called as `cronos.solve(problem, JaxcldConfig(...), key=key)`. `nystrom_eigvals` of the result are
     jaxcld's S: the sketched eigenvalues of the full operator A = I + F^T F / rho + G^T G (so >= 1).
     """
@@ -325,14 +338,14 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
     X = problem.X.astype(_DTYPE)
     Dm = problem.patterns.astype(_DTYPE)
     Y = problem.Y.astype(_DTYPE)
-    X, Dm, Y = _pad_rows(mesh, X, Dm, Y)
+    X, Dm, Y = _pad_rows(mesh, rows_axis, X, Dm, Y)
 
     Xval = yval = None
     if validation is not None:
         Xval, yval = check_validation(validation, problem)
         Xval, yval = jnp.asarray(Xval.astype(_DTYPE)), jnp.asarray(yval.astype(np.int32))
 
-    X, XT, Dm, Y, row_sharding = place_rows(mesh, X, Dm, Y)
+    X, XT, Dm, Y, row_sharding = place_rows(mesh, rows_axis, X, Dm, Y)
 
     statics = _Statics(rank=int(config.rank), admm_iters=int(config.admm_iters), pcg_iters=int(config.pcg_iters),
                        with_validation=validation is not None, row_sharding=row_sharding)
@@ -344,7 +357,7 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
     jax.block_until_ready(v)
     run_seconds = time.perf_counter() - start
 
-    history = {name: np.asarray(values) for name, values in history.items()}
+    v, (history, S) = _local(v), jax.tree.map(_to_host, (history, S))
     v = jnp.transpose(v, (1, 2, 0, 3))  # (C, 2, d, P)
 
     def count_flops(pcg_iterations):
@@ -353,5 +366,5 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
     return SolveResult(
         v=v[:, 0], w=v[:, 1], history=history, iterations=int(config.admm_iters), converged=False,
         rho=float(config.rho), compile_seconds=compile_seconds, run_seconds=run_seconds,
-        nystrom_eigvals=np.asarray(S), gates=problem.gates, has_cone=True, _flop_counter=count_flops,
+        nystrom_eigvals=S, gates=problem.gates, has_cone=True, _flop_counter=count_flops,
     )

@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the Whisper and wav2vec2 encoders.
+"""Transformer building blocks shared by the Whisper and wav2vec2 encoders and the Whisper decoder.
 
 Submodule and parameter names mirror the PyTorch (transformers) modules so that
 checkpoint conversion is a mechanical renaming (see `encoders.loading`).
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from encoders.sharding import constrain
+from encoders.runtime import constrain
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -151,29 +151,100 @@ def attention(q, k, v, key_mask=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
 
 
+def heads_major_attention(q, k, v, mask=None):
+    """Softmax attention (float32 scores) of pre-scaled q (B, N, t, H) over k, v (B, N, S, H) -> (B, t, N, H);
+    mask: optional bool broadcasting to (B, N, t, S), True where a query may attend.
+
+    Keys and values stay heads-major so that cached states (a decoder's cross-attention over 1500 encoder
+    frames) are read in place at every decoding step; a (B, S, N, H) layout makes XLA transpose all of them
+    per step."""
+    s = jnp.einsum("bnth,bnsh->bnts", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    y = jnp.einsum("bnts,bnsh->bnth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return y.astype(q.dtype).transpose(0, 2, 1, 3)
+
+
+# Logical names of one layer's heads-major keys / values (B, N, S, H), cached or precomputed, and of every
+# layer's stacked in one array (layers, B, N, S, H).
+CACHE_AXES = ("cache_batch", "cache_heads", "cache_length", "cache_kv")
+STACKED_CACHE_AXES = (None,) + CACHE_AXES
+
+
 class Attention(nnx.Module):
-    """Bidirectional multi-head self-attention with q/k/v/out projections (transformers naming)."""
+    """Multi-head attention with q/k/v/out projections (transformers naming).
+
+    `__call__`: bidirectional self-attention (encoders). For decoders, keys and values are kept heads-major
+    (B, N, S, H) with the `CACHE_AXES` logical names: `keys_values` projects them (cross-attention states,
+    computed once), `attend` attends over given ones and `attend_cached` writes a step's keys and values into
+    a preallocated cache and attends causally over it.
+    """
 
     def __init__(self, dim, num_heads, *, rngs, k_bias=True, dtype=jnp.float32, param_dtype=jnp.float32):
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense(dim, dim, ("embed", "heads"), **kw)
-        self.k_proj = Dense(dim, dim, ("embed", "heads"), use_bias=k_bias, **kw)
-        self.v_proj = Dense(dim, dim, ("embed", "heads"), **kw)
+        self.k_proj = Dense(dim, dim, ("embed", "kv_heads"), use_bias=k_bias, **kw)
+        self.v_proj = Dense(dim, dim, ("embed", "kv_heads"), **kw)
         self.out_proj = Dense(dim, dim, ("heads", "embed"), **kw)
         self.num_heads = num_heads
 
+    def _split(self, y):
+        """(B, t, D) -> (B, t, N, H)."""
+        b, t, d = y.shape
+        return y.reshape(b, t, self.num_heads, d // self.num_heads)
+
+    def _merge(self, y):
+        """(B, t, N, H) attention output -> out_proj of (B, t, D)."""
+        b, t, n, h = y.shape
+        return self.out_proj(constrain(y, ("batch", "length", "heads", "kv")).reshape(b, t, n * h))
+
+    def _query(self, x):
+        """Scaled queries (B, t, N, H) of x (B, t, D)."""
+        q = self.q_proj(x)
+        return self._split(q * (q.shape[-1] // self.num_heads) ** -0.5)
+
     def __call__(self, x, key_mask=None):
-        """x: (B, T, D); key_mask: optional bool (B, T), True for real frames."""
-        b, t, d = x.shape
-        head_dim = d // self.num_heads
-        split = lambda y: constrain(y.reshape(b, t, self.num_heads, head_dim), ("batch", "length", "heads", "kv"))
-        q = split(self.q_proj(x) * head_dim**-0.5)
-        k, v = split(self.k_proj(x)), split(self.v_proj(x))
-        y = attention(q, k, v, key_mask)
-        y = constrain(y, ("batch", "length", "heads", "kv")).reshape(b, t, d)
-        return self.out_proj(y)
+        """Bidirectional self-attention of x: (B, T, D); key_mask: optional bool (B, T), True for real frames."""
+        named = lambda y: constrain(y, ("batch", "length", "heads", "kv"))
+        q = named(self._query(x))
+        k, v = named(self._split(self.k_proj(x))), named(self._split(self.v_proj(x)))
+        return self._merge(attention(q, k, v, key_mask))
+
+    def keys_values(self, x):
+        """Heads-major keys and values (B, N, t, H) of x (B, t, D)."""
+        heads_major = lambda y: constrain(self._split(y).transpose(0, 2, 1, 3), CACHE_AXES)
+        return heads_major(self.k_proj(x)), heads_major(self.v_proj(x))
+
+    def attend(self, x, k, v, mask=None):
+        """Attention of x's queries (B, t, D) over heads-major k, v (B, N, S, H); mask: bool broadcasting to
+        (B, N, t, S) or None (all keys)."""
+        q = constrain(self._query(x).transpose(0, 2, 1, 3), ("batch", "heads", "length", "kv"))
+        return self._merge(heads_major_attention(q, k, v, mask))
+
+    def attend_cached(self, x, k_cache, v_cache, layer, offset):
+        """Causal self-attention of x (B, t, D) at positions offset..offset+t-1 over a preallocated cache.
+
+        k_cache, v_cache: (layers, B, N, L, H), this attention's entry at `layer` (static); x's keys and
+        values are written at `offset` (may be traced) and the queries attend to positions <= their own.
+        Returns (output (B, t, D), k_cache, v_cache)."""
+        t = x.shape[1]
+        k, v = self.keys_values(x)
+        write = lambda cache, new: constrain(
+            jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, 0, 0, offset, 0)),
+            STACKED_CACHE_AXES)
+        k_cache, v_cache = write(k_cache, k), write(v_cache, v)
+        causal = jnp.arange(k_cache.shape[3])[None, :] <= offset + jnp.arange(t)[:, None]
+        return self.attend(x, k_cache[layer], v_cache[layer], causal), k_cache, v_cache
+
+
+class Embedding(nnx.Module):
+    """A lookup table stored as `embedding` (torch `weight`) with logical names `names` (rows, features)."""
+
+    def __init__(self, table, names, param_dtype=jnp.float32):
+        self.embedding = nnx.Param(jnp.asarray(table, param_dtype), logical_axes=tuple(names))
 
 
 def hidden_state_indices(output_hidden_states, num_states: int) -> tuple[int, ...] | None:

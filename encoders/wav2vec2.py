@@ -11,8 +11,16 @@ import numpy as np
 from flax import nnx
 
 from encoders import loading
-from encoders.audio import SAMPLE_RATE, normalize  # noqa: F401  (normalize re-exported: wav2vec2.normalize)
-from encoders.layers import Attention, Conv1d, Dense, JittedEncoder, LayerNorm, activation, run_layers
+from encoders.audio import SAMPLE_RATE, normalize
+from encoders.layers import (
+    Attention,
+    Conv1d,
+    Dense,
+    JittedEncoder,
+    LayerNorm,
+    activation,
+    run_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,12 +221,26 @@ class Wav2Vec2Encoder(JittedEncoder):
 
     def __call__(self, inputs, attention_mask=None, output_hidden_states=False):
         """Hidden states as `JittedEncoder.__call__`, after `check_lengths` on the rows of a concrete
-        `attention_mask` (inside an outer jit, where the mask is traced, on the padded length only)."""
-        if attention_mask is None or isinstance(attention_mask, jax.core.Tracer):
+        `attention_mask` (on the padded length only inside an outer jit, where the mask is traced, or for a mask
+        spread over several processes, which callers check on the host)."""
+        if attention_mask is None or isinstance(attention_mask, jax.core.Tracer) or (
+                isinstance(attention_mask, jax.Array) and not attention_mask.is_fully_addressable):
             self.check_lengths([np.shape(inputs)[-1]])
         else:
             self.check_lengths(np.asarray(attention_mask).sum(-1))
         return super().__call__(inputs, attention_mask, output_hidden_states)
+
+    # Encoder protocol (encoders.extraction): pooling default, variable input length, host front end, frame mask.
+    default_pooling = "masked_mean"  # real frames only
+    input_samples = None  # clips are padded to the longest of the run
+
+    def front_end(self, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray:
+        """Host front end: zero-mean unit-variance normalisation over each clip's real samples."""
+        return normalize(audio, sample_mask)
+
+    def encode(self, inputs, sample_mask):
+        """Last hidden state of `front_end` output, attending to real samples only."""
+        return self(inputs, attention_mask=sample_mask)
 
     def frame_lengths(self, sample_lengths):
         """Number of encoder frames produced from `sample_lengths` samples (conv arithmetic)."""

@@ -9,8 +9,17 @@ import numpy as np
 from flax import nnx
 
 from encoders import loading
-from encoders.audio import log_mel_spectrogram  # noqa: F401  (re-exported: whisper.log_mel_spectrogram)
-from encoders.layers import Attention, Conv1d, Dense, JittedEncoder, LayerNorm, activation, run_layers
+from encoders.audio import CHUNK_SECONDS, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from encoders.layers import (
+    Attention,
+    Conv1d,
+    Dense,
+    JittedEncoder,
+    LayerNorm,
+    activation,
+    run_layers,
+)
+from encoders.pooling import whisper_frame_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,32 @@ class WhisperEncoder(JittedEncoder):
         self.layer_norm = LayerNorm(cfg.d_model, dtype=dtype, param_dtype=param_dtype)
         self.act = activation(cfg.activation_function)
         self.num_states = cfg.encoder_layers + 1
+
+    # Encoder protocol (encoders.extraction): pooling default, fixed input window, host front end, frame mask.
+    default_pooling = "mean"  # all 1500 frames, padding included: the CLD convention
+    input_samples = N_SAMPLES  # every clip is padded to the 30 s window
+
+    def front_end(self, audio: np.ndarray, sample_mask: np.ndarray) -> np.ndarray:
+        """Host front end: (B, T) 16 kHz audio -> (B, n_mels, 3000) log-mel (`sample_mask` unused)."""
+        return log_mel_spectrogram(audio, n_mels=self.config.num_mel_bins)
+
+    def encode(self, inputs, sample_mask):
+        """Last hidden state of `front_end` output (Whisper attends to every frame, so the mask is not used)."""
+        return self(inputs)
+
+    def frame_mask(self, sample_mask, num_frames: int | None = None):
+        """(B, frames) bool mask of the encoder frames that cover real audio."""
+        return whisper_frame_mask(jnp.asarray(sample_mask).sum(-1), num_frames or self.config.max_source_positions)
+
+    def check_lengths(self, sample_lengths, names=None) -> None:
+        """Raises ValueError for clips longer than the 30 s window (they would be cut); `names` name them."""
+        lengths = np.asarray(sample_lengths).reshape(-1)
+        names = [f"row {i}" for i in range(len(lengths))] if names is None else list(names)
+        long = [f"{name} ({n / SAMPLE_RATE:.2f} s)" for name, n in zip(names, lengths) if n > N_SAMPLES]
+        if long:
+            raise ValueError(f"{len(long)} clip(s) longer than Whisper's {CHUNK_SECONDS} s window: "
+                             f"{', '.join(long[:10])}{', ...' if len(long) > 10 else ''}; trim or split them into "
+                             f"clips of at most {CHUNK_SECONDS} s before embedding them")
 
     @property
     def num_frames(self) -> int:

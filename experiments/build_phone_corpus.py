@@ -1,6 +1,6 @@
 """Builds a phone-aligned espeak-ng corpus: CV syllables spoken one at a time and concatenated.
 
-    python -m experiments.build_phone_corpus --corpus_dir=outputs/phone_corpus
+    python -m experiments.build_phone_corpus --output_dir=outputs/phone_corpus
 
 For each language, every syllable of CONSONANTS x VOWELS is spoken in isolation by the language's
 espeak-ng voice at each (speed, pitch) variant, silence-trimmed, and the tokens (shuffled, fixed by
@@ -22,14 +22,16 @@ import numpy as np
 import soundfile as sf
 from absl import app, flags, logging
 
+from encoders import runtime
 from encoders.audio import SAMPLE_RATE
-from experiments.build_tts_corpus import synthesize, trim_silence
+from experiments.lib import runtime_flags
+from experiments.lib.tts import synthesize, trim_silence
 
 CONSONANTS = ("p", "b", "t", "d", "k", "g", "m", "n", "s", "f", "l")
 VOWELS = ("a", "e", "i", "o", "u")
 VARIANTS = ((150, 50), (185, 35), (130, 70))  # (words per minute, pitch)
 
-_OUTPUT = flags.DEFINE_string("corpus_dir", "outputs/phone_corpus", "Output directory (its clips are replaced).")
+_OUTPUT = flags.DEFINE_string("output_dir", "outputs/phone_corpus", "Output directory (its clips are replaced).")
 _LANGUAGES = flags.DEFINE_list("languages", ["en-us", "de", "es", "pt", "pl", "sw", "fr", "cs", "nl", "id", "it"],
                                "espeak-ng voices; each is one source.")
 _UNITS = flags.DEFINE_integer("units_per_clip", 8, "Syllables per clip.")
@@ -73,6 +75,9 @@ def build_language(voice: str, output: str, rng: np.random.Generator, *, units_p
 
 
 def main(argv):
+    runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     del argv
     rows = []
     for voice in _LANGUAGES.value:

@@ -1,6 +1,6 @@
 """Builds the embedded default CLD corpus: espeak-ng speech of the project's own sentence lists.
 
-    python -m experiments.build_tts_corpus --output=experiments/data/tts_corpus
+    python -m experiments.build_tts_corpus --output_dir=experiments/data/tts_corpus
 
 Every sentence of `experiments/data/tts_sentences/{lang}.txt` is spoken once in each accent of its
 language (an espeak-ng voice, or for one-voice languages a speed/pitch setting of it or the Klatt synthesiser),
@@ -16,17 +16,18 @@ Only this binary needs espeak-ng; the shipped corpus is read with soundfile alon
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import soundfile as sf
 from absl import app, flags, logging
 
-from encoders.audio import SAMPLE_RATE, prepare_audio
+from encoders import runtime
+from encoders.audio import SAMPLE_RATE
+from experiments.lib import runtime_flags
+from experiments.lib.tts import synthesize, trim_silence
 
 SENTENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_sentences")
 
@@ -49,27 +50,12 @@ for _lang in ("hi", "id", "ms"):
 SPEAKER_VARIANTS = ("m1", "f2", "m3", "f4")
 SPLIT_FRACTIONS = (0.7, 0.15)  # train, valid; the rest is test
 
-_OUTPUT = flags.DEFINE_string("output", "experiments/data/tts_corpus", "Output directory (replaced).")
+_OUTPUT = flags.DEFINE_string("output_dir", "experiments/data/tts_corpus", "Output directory (replaced).")
 _SENTENCES = flags.DEFINE_string("sentences_dir", SENTENCES_DIR, "Directory of {lang}.txt sentence lists.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sentence-level split.")
 _COMPRESSION = flags.DEFINE_float("compression_level", 0.85, "Opus compression level in [0, 1] (higher: smaller).")
 _MIN_SECONDS = flags.DEFINE_float("min_seconds", 1.0, "Shortest clip; shorter speech is zero-padded.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 4.0, "Longest clip; longer speech is re-spoken faster.")
-
-
-def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
-    """espeak-ng speech of `text` as 16 kHz mono float32."""
-    wav = subprocess.run(["espeak-ng", "--stdout", "-v", voice, "-s", str(speed), "-p", str(pitch), text],
-                         capture_output=True, check=True).stdout
-    audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
-    return prepare_audio(audio, rate)
-
-
-def trim_silence(audio: np.ndarray, pad_seconds: float = 0.1, threshold: float = 1e-3) -> np.ndarray:
-    """Cuts leading and trailing silence down to `pad_seconds`."""
-    loud = np.flatnonzero(np.abs(audio) > threshold)
-    pad = int(pad_seconds * SAMPLE_RATE)
-    return audio[max(loud[0] - pad, 0): loud[-1] + pad + 1]
 
 
 def speak_clip(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
@@ -92,6 +78,9 @@ def sentence_splits(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def main(argv):
+    runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if shutil.which("espeak-ng") is None:

@@ -1,6 +1,6 @@
 """Converts a released jaxcld head (`model.pkl`) to the safe format (head.safetensors + head.json).
 
-    python -m experiments.convert_legacy_head --pkl=path/to/model.pkl --out=heads/cld-whisper-small-enzh-1000 \
+    python -m experiments.convert_legacy_head --pkl=path/to/model.pkl --output_dir=heads/cld-whisper-small-enzh-1000 \
         --encoder=openai/whisper-small --languages=en,zh
 
 The pickle is read by `heads.legacy`'s restricted unpickler (no jaxcld needed, no pickle code run);
@@ -14,10 +14,12 @@ import json
 
 from absl import app, flags
 
+from encoders import runtime
+from experiments.lib import runtime_flags
 from heads.legacy import convert
 
 _PKL = flags.DEFINE_string("pkl", None, "A jaxcld CVX_ReLU_MLP model.pkl (or a directory holding one).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory for head.safetensors + head.json.", required=True)
+_OUT = flags.DEFINE_string("output_dir", None, "Output directory for head.safetensors + head.json.", required=True)
 _LANGUAGES = flags.DEFINE_list("languages", None, "ISO-639-1 codes of the classes (default: the published ones).")
 _ENCODER = flags.DEFINE_string("encoder", None, "Encoder id recorded in the metadata, e.g. openai/whisper-small.")
 _POOLING = flags.DEFINE_string("pooling", "mean", "Pooling convention recorded in the metadata.")
@@ -25,6 +27,9 @@ _POOLING = flags.DEFINE_string("pooling", "mean", "Pooling convention recorded i
 
 def main(argv):
     """Converts and prints the written metadata."""
+    runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     head = convert(_PKL.value, _OUT.value, _LANGUAGES.value, encoder=_ENCODER.value, pooling=_POOLING.value)

@@ -19,20 +19,22 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import cronos
-from experiments.report import atomic_write_text, define_compilation_cache_flag, enable_compilation_cache
+from encoders import runtime
+from experiments.lib import runtime_flags
+from experiments.lib.report import atomic_write_text
 
 _PATTERNS = flags.DEFINE_integer("n_patterns", 64, "Activation patterns P (2P hidden units).")
 _BETA = flags.DEFINE_float("beta", 1e-3, "Group-lasso strength.")
 _RANK = flags.DEFINE_integer("rank", 20, "Nyström sketch rank.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split, the gates and the sketch.")
-_OUTPUT = flags.DEFINE_string("output", "outputs/cronos_demo.json", "Where to write the metrics (JSON).")
-define_compilation_cache_flag()
+_OUTPUT = flags.DEFINE_string("results_json", "outputs/cronos_demo.json", "Where to write the metrics (JSON).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    compilation_cache = enable_compilation_cache()  # compile_seconds below are cache loads on a warm cache
+    runtime_flags.init()
+    compilation_cache = runtime_flags.enable_compilation_cache()  # compile_seconds below are cache loads on a warm cache
     X, y = load_digits(return_X_y=True)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=_SEED.value, stratify=y)
     scaler = StandardScaler().fit(Xtr)
@@ -60,6 +62,8 @@ def main(argv):
         print(f"{name:22s} test accuracy {accuracy:.4f}  objective {row['objective']:.4f}  "
               f"ADMM {row['admm_iterations']:4d} (converged: {result.converged})  PCG {row['pcg_iterations']:5d}  "
               f"compile {row['compile_seconds']:.2f}s  run {row['run_seconds']:.3f}s  {flops / 1e9:.2f} GFLOP")
+    if not runtime.is_writer():
+        return
     atomic_write_text(_OUTPUT.value, json.dumps(report, indent=2))
     print(f"wrote {_OUTPUT.value}")
 

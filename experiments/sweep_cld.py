@@ -23,7 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import cld, report, train_cld  # noqa: E402  (train_cld defines the shared flags)
+from encoders import runtime  # noqa: E402
+from experiments import train_cld  # noqa: E402  (train_cld defines the run flags)
+from experiments.lib import cld, report, runtime_flags  # noqa: E402
 
 _SWEEP = flags.DEFINE_list("sweep_samples_per_class", ["4", "8", "16", "32", "64", "96"],
                            "Training clips per language; values above the available clips use all of them.")
@@ -94,7 +96,7 @@ def table(points: list[dict], base: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    report.enable_compilation_cache()  # --compilation_cache_dir, defined with train_cld's flags
+    mesh = runtime_flags.init()
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     base = train_cld.config_from_flags()
     output = train_cld._OUTPUT.value
@@ -102,13 +104,16 @@ def main(argv):
     for spc in sorted(int(v) for v in _SWEEP.value):
         for seed in sorted(int(s) for s in _SEEDS.value):
             metrics = cld.run({**base, "samples_per_class": spc, "data_seed": seed},
-                              os.path.join(output, f"spc_{spc}_seed_{seed}"), train_cld._CACHE.value)
+                              os.path.join(output, f"spc_{spc}_seed_{seed}"), train_cld._CACHE.value, mesh)
             accuracy = {name: metrics[name]["accuracy"] for name, _ in SERIES if name in metrics}
             for mode, modes in metrics.get("whisper_detection", {}).get("test", {}).items():
                 accuracy[f"whisper_{mode}_test"] = modes["accuracy"]
             runs.append({"samples_per_class": spc, "data_seed": seed, "n_train": metrics["n_train"], "accuracy": accuracy})
-            print(f"clips/language {spc}, seed {seed}: test accuracy {accuracy['test']:.4f}", flush=True)
+            if runtime.is_writer():
+                print(f"clips/language {spc}, seed {seed}: test accuracy {accuracy['test']:.4f}", flush=True)
     points = summarise(runs)
+    if not runtime.is_writer():
+        return
     report.atomic_write_text(os.path.join(output, "sweep.json"), json.dumps({"config": base, "runs": runs,
                                                                             "points": points}, indent=2))
     md = _RESULTS_MD.value or os.path.join(output, "sweep.md")

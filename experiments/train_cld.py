@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import cld, report
+from encoders import runtime
+from encoders.languages import check_languages
+from experiments.lib import cld, runtime_flags
 
 _RANK = flags.DEFINE_integer("rank", 20, "Nyström sketch rank.")
 _NEURON = flags.DEFINE_integer("neuron", 64, "Activation patterns P (the network has 2P hidden units).")
@@ -47,9 +49,6 @@ _INPUT_NORM = flags.DEFINE_enum(
     "heads used none (their flagfiles say so).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Encoder batch size.")
 _EPOCHS = flags.DEFINE_integer("nn_epochs", 50, "Epochs of the NN head.")
-_MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the `data` mesh axis (-1: all, 0: no mesh).")
-_MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices on the `model` mesh axis (encoder heads/MLP).")
-report.define_compilation_cache_flag()
 
 
 
@@ -58,20 +57,21 @@ def config_from_flags() -> dict:
     return {
         "head": _HEAD.value, "encoder": _ENCODER.value, "dataset": _DATASET.value, "pooling": _POOLING.value,
         "input_norm": _INPUT_NORM.value,
-        "languages": cld.validate_languages(_LANGUAGES.value), "samples_per_class": _SAMPLES.value,
+        "languages": list(check_languages([c.strip() for c in _LANGUAGES.value])), "samples_per_class": _SAMPLES.value,
         "neuron": _NEURON.value, "rank": _RANK.value, "beta": _BETA.value, "rho": _RHO.value,
         "gamma_ratio": _GAMMA.value, "admm_iters": _ADMM_ITERS.value, "pcg_iters": _PCG_ITERS.value, "tol": _TOL.value,
         "opt_seed": _OPT_SEED.value, "data_seed": _DATA_SEED.value, "batch_size": _BATCH.value,
-        "nn_epochs": _EPOCHS.value, "mesh_data": _MESH_DATA.value, "mesh_model": _MESH_MODEL.value,
+        "nn_epochs": _EPOCHS.value,
     }
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    report.enable_compilation_cache()
-    metrics = cld.run(config_from_flags(), _OUTPUT.value, _CACHE.value)
-    print(cld.summary(metrics) + f"; wrote {_OUTPUT.value}")
+    mesh = runtime_flags.init()
+    metrics = cld.run(config_from_flags(), _OUTPUT.value, _CACHE.value, mesh)
+    if runtime.is_writer():
+        print(cld.summary(metrics) + f"; wrote {_OUTPUT.value}")
 
 if __name__ == "__main__":
     app.run(main)

@@ -14,7 +14,8 @@ import os
 import numpy as np
 from absl import app, flags
 
-from experiments import phone_spans, report
+from encoders import phone_spans, runtime
+from experiments.lib import report, runtime_flags
 from heads import supcon
 
 _MANIFEST = flags.DEFINE_string("manifest", "outputs/phone_corpus/manifest.jsonl", "Phone-span JSONL manifest.")
@@ -33,20 +34,21 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.07, "SupCon temperature.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the encoder (random:small); eval_phone_clusters' --seed must match.")
 _TRAIN_SEED = flags.DEFINE_integer("train_seed", 0, "Seed of the projector's initialisation, batches and dropout.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
-report.define_compilation_cache_flag()
 
 
 def main(argv):
     del argv
-    report.enable_compilation_cache()
+    mesh = runtime_flags.init()
     features, labels, sources, identity = phone_spans.manifest_features(_MANIFEST.value, _ENCODER.value, _LAYER.value,
-                                                                        _CACHE.value, seed=_SEED.value)
+                                                                        _CACHE.value, seed=_SEED.value, mesh=mesh)
     train = ~phone_spans.split_by_source(sources, _HELDOUT.value)
     params, info = supcon.train_projector(
         features[train], labels[train], hidden=_HIDDEN.value, out_dim=_OUT_DIM.value, learning_rate=_LR.value,
         steps=_STEPS.value, classes_per_batch=_CLASSES.value, instances_per_class=_INSTANCES.value,
         temperature=_TEMPERATURE.value, seed=_TRAIN_SEED.value, checkpoint_every=_CHECKPOINT_EVERY.value,
-        checkpoint_dir=os.path.join(_OUTPUT.value, "checkpoints"))
+        checkpoint_dir=os.path.join(_OUTPUT.value, "checkpoints"), mesh=mesh)
+    if not runtime.is_writer():
+        return
     supcon.save_projector(os.path.join(_OUTPUT.value, "projector"), params,
                           {"encoder": identity, "train_sources": sorted(set(sources[train])),
                            "hyperparameters": info["config"]})

@@ -1,6 +1,6 @@
-"""Baseline heads: `NNHead` (Flax NNX MLP, AdamW, resumable orbax checkpoints) and `LinearHead`
-(multinomial logistic regression by L-BFGS, sklearn's objective). Same interface and format as
-`ConvexReLUHead`.
+"""Baseline heads: `NNHead` (Flax NNX MLP, AdamW, resumable orbax checkpoints, optionally data parallel on a
+mesh) and `LinearHead` (multinomial logistic regression by L-BFGS, sklearn's objective). Same interface and
+format as `ConvexReLUHead`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,16 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from encoders import runtime
 from heads import io
-from heads.base import Head, check_embeddings, check_languages, encode_labels, input_statistics, normalize_inputs
+from heads.base import (
+    Head,
+    check_embeddings,
+    check_languages,
+    encode_labels,
+    input_statistics,
+    normalize_inputs,
+)
 
 __all__ = ["LinearHead", "NNHead", "linear_logits"]
 
@@ -56,8 +64,31 @@ def _nn_forward(params: dict, x: jax.Array) -> jax.Array:
     return _apply(graphdef, abstract, io.unflatten(params), x)
 
 
-def _cross_entropy(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def _cross_entropy(logits, y, weights=None):
+    """Mean cross-entropy, or its `weights`-weighted mean (zero-weight rows are padding)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return losses.mean() if weights is None else jnp.sum(losses * weights) / jnp.sum(weights)
+
+
+def _replicated(tree, mesh):
+    """Every leaf of `tree` (identical on every process) as a global array replicated over `mesh`."""
+    sharding = runtime.logical_sharding(mesh, ())
+    return jax.tree.map(lambda leaf: runtime.place(leaf, sharding), tree)
+
+
+def _batch_layout(mesh):
+    """(rows a batch is padded to a multiple of, (B, d) sharding, (B,) sharding) on `mesh` by the "batch" rule;
+    (1, None, None) without a mesh."""
+    if mesh is None:
+        return 1, None, None
+    rows = runtime.logical_sharding(mesh, ("batch",))
+    shards = 1 if rows.spec[0] is None else runtime.data_shards(mesh, rows.spec[0])
+    return shards, runtime.logical_sharding(mesh, ("batch", None)), rows
+
+
+def _put(value, sharding):
+    """A host batch on the default device (no sharding) or placed with `sharding`."""
+    return jnp.asarray(value) if sharding is None else runtime.place(value, sharding)
 
 
 class NNHead(Head):
@@ -69,20 +100,23 @@ class NNHead(Head):
     @classmethod
     def fit(cls, embeddings, labels, languages, *, hidden: int = 256, dropout: float = 0.1,
             learning_rate: float = 1e-3, weight_decay: float = 1e-2, epochs: int = 20, batch_size: int = 64,
-            seed: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+            seed: int = 0, checkpoint_dir: str | None = None, checkpoint_every: int = 100, mesh=None,
             encoder: str | None = None, pooling: str = "mean", input_norm: str = "none") -> "NNHead":
         """Trains on (n, d) embeddings; with `checkpoint_dir`, saves every `checkpoint_every` steps and resumes.
 
         A checkpoint holds params, AdamW state, step and the data-order / dropout keys, so a run killed
         and restarted with the same arguments ends with exactly the parameters of an uninterrupted run.
         Each epoch visits a permutation of the data in batches of `batch_size` (the last one may be short).
+        With `mesh`, each batch is split over the mesh axis of the "batch" rule (`encoders.runtime`; padded with
+        zero-weight rows to a multiple of it) and parameters are replicated; on several processes the
+        embeddings and labels must be the full data, identical on every process (so is the head).
         `input_norm` as in `ConvexReLUHead.fit`.
         """
         languages = check_languages(languages)
         x = check_embeddings(embeddings)
-        y = encode_labels(labels, languages, x.shape[0])
+        y = encode_labels(labels, languages, x.shape[0]).astype(np.int32)
         stats = input_statistics(x, input_norm)
-        x = normalize_inputs(stats, x)
+        x = normalize_inputs(stats, x).astype(np.float32)
         n, dim = x.shape
         if batch_size < 1 or epochs < 1 or checkpoint_every < 1:
             raise ValueError(f"batch_size, epochs and checkpoint_every must be positive; got {batch_size}, {epochs}, {checkpoint_every}.")
@@ -94,12 +128,15 @@ class NNHead(Head):
         tx = optax.adamw(learning_rate, weight_decay=weight_decay)
         train = dict(params=params, opt_state=tx.init(params), step=jnp.asarray(0, jnp.int32),
                      data_key=jax.random.key_data(data_key), dropout_key=jax.random.key_data(dropout_key))
+        shards, x_sharding, y_sharding = _batch_layout(mesh)
+        if mesh is not None:
+            train = _replicated(train, mesh)
 
         @jax.jit
-        def step_fn(train, xb, yb):
+        def step_fn(train, xb, yb, wb):
             key = jax.random.fold_in(jax.random.wrap_key_data(train["dropout_key"]), train["step"])
             loss, grads = jax.value_and_grad(
-                lambda p: _cross_entropy(_apply(graphdef, abstract, p, xb, dropout_key=key), yb))(train["params"])
+                lambda p: _cross_entropy(_apply(graphdef, abstract, p, xb, dropout_key=key), yb, wb))(train["params"])
             updates, opt_state = tx.update(grads, train["opt_state"], train["params"])
             return {**train, "params": optax.apply_updates(train["params"], updates), "opt_state": opt_state,
                     "step": train["step"] + 1}, loss
@@ -110,30 +147,37 @@ class NNHead(Head):
         if checkpoint_dir is not None:
             manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train,
                                                dict(hyperparameters, seed=seed, n=n, dim=dim, languages=list(languages),
-                                                    input_norm=input_norm))
+                                                    input_norm=input_norm), mesh)
         start = time.perf_counter()
-        executables = {b: step_fn.lower(train, jax.ShapeDtypeStruct((b, dim), jnp.float32),
-                                        jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
-                       for b in {min(batch_size, n), n % batch_size or batch_size}}
+        padded = {b: b + (-b % shards) for b in {min(batch_size, n), n % batch_size or batch_size}}
+        executables = {p: step_fn.lower(train, jax.ShapeDtypeStruct((p, dim), jnp.float32, sharding=x_sharding),
+                                        jax.ShapeDtypeStruct((p,), jnp.int32, sharding=y_sharding),
+                                        jax.ShapeDtypeStruct((p,), jnp.float32, sharding=y_sharding)).compile()
+                       for p in padded.values()}
         compile_seconds, start = time.perf_counter() - start, time.perf_counter()
-        step_flops = {b: float(exe.cost_analysis().get("flops", np.nan)) for b, exe in executables.items()}
-        step, order, losses, flops = int(train["step"]), None, [], 0.0
+        step_flops = {p: float(exe.cost_analysis().get("flops", np.nan)) for p, exe in executables.items()}
+        step, order, losses, flops = int(runtime.to_host(train["step"])), None, [], 0.0
+        data_key = jax.random.wrap_key_data(jnp.asarray(runtime.to_host(train["data_key"])))
         while step < total:
             epoch, batch = divmod(step, steps_per_epoch)
             if order is None or batch == 0:  # the epoch's data order is a function of (data key, epoch)
-                order = np.asarray(jax.random.permutation(
-                    jax.random.fold_in(jax.random.wrap_key_data(train["data_key"]), epoch), n))
+                order = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n))
             index = order[batch * batch_size:(batch + 1) * batch_size]
-            train, loss = _train_step(executables[len(index)], train, jnp.asarray(x[index]), jnp.asarray(y[index]))
-            flops += step_flops[len(index)]
+            rows = padded[len(index)]
+            pad = rows - len(index)
+            xb = _put(np.pad(x[index], ((0, pad), (0, 0))), x_sharding)
+            yb = _put(np.pad(y[index], (0, pad)), y_sharding)
+            wb = _put(np.pad(np.ones(len(index), np.float32), (0, pad)), y_sharding)
+            train, loss = _train_step(executables[rows], train, xb, yb, wb)
+            flops += step_flops[rows]
             step += 1
-            losses.append(float(loss))
+            losses.append(float(runtime.to_host(loss)))
             if manager is not None:
                 manager.save(step, args=ocp.args.StandardSave(train), force=step == total)
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
-        flat = io.flatten(jax.device_get(train["params"]))
+        flat = io.flatten(jax.tree.map(runtime.to_host, train["params"]))
         metadata = cls.make_metadata(languages, dim, hyperparameters=hyperparameters, seeds=dict(seed=seed),
                                      encoder=encoder, pooling=pooling, trainer="optax.adamw", input_norm=input_norm)
         train_info = dict(compile_seconds=compile_seconds, run_seconds=time.perf_counter() - start, steps=total,
@@ -141,22 +185,28 @@ class NNHead(Head):
         return cls({**flat, **stats}, metadata, train_info)
 
 
-def _train_step(step_fn, train, xb, yb):
+def _train_step(step_fn, train, *batch):
     """One optimisation step (module-level so tests can interrupt training between steps)."""
-    return step_fn(train, xb, yb)
+    return step_fn(train, *batch)
 
 
-def _open_checkpoints(directory: str, every: int, train: dict, config: dict):
-    """Orbax manager for `directory`; restores the latest checkpoint (same config required) into `train`."""
+def _open_checkpoints(directory: str, every: int, train: dict, config: dict, mesh):
+    """Orbax manager for `directory`; restores the latest checkpoint (same config required) into `train`.
+
+    On several processes `train` must be global arrays on `mesh` (orbax saves them collectively); only process 0
+    writes the directory and its train_config.json.
+    """
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"checkpointing on {jax.process_count()} processes needs a mesh: pass mesh= (orbax saves "
+                         "global arrays), or no checkpoint_dir")
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
     config_path = os.path.join(directory, "train_config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
             saved = json.load(f)
         if saved != config:
             raise ValueError(f"{directory} holds checkpoints of a different run: {saved} != {config}.")
-    else:
+    elif runtime.is_writer():
         io.atomic_write_text(config_path, json.dumps(config))  # a half-written config would block every resume
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
     manager = ocp.CheckpointManager(directory, options=options)

@@ -8,7 +8,8 @@ K-means: greedy k-means++ initialisation (scikit-learn's: 2 + log k candidates p
 lowers the potential most is kept), Lloyd iterations in a `lax.while_loop` until the squared centre shift
 falls below tol x mean feature variance (scikit-learn's criterion) or `max_iter`; `n_init` restarts run
 under `lax.map` and the lowest inertia wins. Everything is one jitted program, deterministic given `seed`.
-With `mesh`, rows are split over its `data` axis (zero-weight rows pad n to a multiple of it).
+With `mesh`, rows are split over the mesh axis of the "rows" sharding rule (`encoders.runtime`; zero-weight
+rows pad n to a multiple of it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+
+from encoders import runtime
 
 __all__ = ["KMeansResult", "cluster_purity", "contingency", "kmeans", "phone_purity", "pnmi", "rare_phone_purity"]
 
@@ -96,7 +98,10 @@ def _kmeans(x, w, key, tol, *, k: int, n_init: int, max_iter: int):
 
 def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4,
            mesh: jax.sharding.Mesh | None = None) -> KMeansResult:
-    """K-means of (n, d) rows into `k` clusters (best of `n_init` k-means++ restarts; see the module docstring)."""
+    """K-means of (n, d) rows into `k` clusters (best of `n_init` k-means++ restarts; see the module docstring).
+
+    On a mesh spanning several processes, X must be the full data, identical on every process; so is the result.
+    """
     x = np.asarray(X, np.float32)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"X must be a non-empty (n, d) array, got shape {x.shape}.")
@@ -107,11 +112,13 @@ def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100, to
         raise ValueError(f"need 1 <= k <= n ({n}), n_init >= 1 and max_iter >= 1; got k={k}, n_init={n_init}, max_iter={max_iter}.")
     w = np.ones(n, np.float32)
     if mesh is not None:
-        pad = -n % mesh.shape["data"]
+        rows = runtime.logical_sharding(mesh, ("rows",))
+        pad = -n % (1 if rows.spec[0] is None else runtime.data_shards(mesh, rows.spec[0]))
         x, w = np.pad(x, ((0, pad), (0, 0))), np.pad(w, (0, pad))
-        x, w = jax.device_put((x, w), NamedSharding(mesh, PartitionSpec("data")))
-    centres, assign, inertia, n_iter = _kmeans(x, w, jax.random.key(seed), tol, k=k, n_init=n_init, max_iter=max_iter)
-    return KMeansResult(np.asarray(centres), np.asarray(assign, np.int32)[:n], float(inertia), int(n_iter))
+        x, w = runtime.place(x, runtime.logical_sharding(mesh, ("rows", None))), runtime.place(w, rows)
+    out = _kmeans(x, w, jax.random.key(seed), tol, k=k, n_init=n_init, max_iter=max_iter)
+    centres, assign, inertia, n_iter = jax.tree.map(runtime.to_host, out)
+    return KMeansResult(centres, assign.astype(np.int32)[:n], float(inertia), int(n_iter))
 
 
 def contingency(phone_labels, cluster_ids) -> np.ndarray:

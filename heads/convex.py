@@ -7,16 +7,22 @@ Class-c score = relu(x @ W1[c]) @ w2[c] with W1 (C, d, 2P), w2 (C, 2P) from `Sol
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
 import numpy as np
 
 import cronos
+from encoders import runtime
 from heads import legacy
-from heads.base import (PUBLISHED_LANGUAGES, Head, check_embeddings, check_languages, encode_labels, input_statistics,
-                        normalize_inputs)
+from heads.base import (
+    Head,
+    check_embeddings,
+    check_languages,
+    encode_labels,
+    input_statistics,
+    normalize_inputs,
+)
 
 __all__ = ["ConvexReLUHead", "convex_relu_logits"]
 
@@ -30,7 +36,7 @@ def convex_relu_logits(params: dict, x: jax.Array) -> jax.Array:
 class ConvexReLUHead(Head):
     """Two-layer ReLU head trained to the optimum of its convex reformulation (CRONOS ADMM)."""
 
-    head_type = "convex_relu"
+    head_type = legacy.HEAD_TYPE
     forward = staticmethod(convex_relu_logits)
 
     @classmethod
@@ -43,7 +49,8 @@ class ConvexReLUHead(Head):
         Defaults are the published CLD settings (P = 64 patterns, 6 ADMM x 32 PCG iterations, rho 0.1). With
         `tol`, the fast exact path `cronos.default_config` runs instead (at most `admm_iters` iterations; rho
         None = its default). `seed` draws the activation patterns and the Nyström sketch; `mesh` goes to
-        `cronos.solve`.
+        `cronos.solve`, rows split over the mesh axis of the "rows" rule (`encoders.runtime`); on several
+        processes the embeddings and labels must be the full data, identical on every process (so is the head).
         `validation=(embeddings, labels)` records the validation accuracy of every ADMM iteration in
         `train_info["val_accuracy_history"]`. `input_norm` ("none", "center", "standardize") stores training
         statistics in the head and applies them to every input (see `heads.base.input_statistics`).
@@ -65,7 +72,8 @@ class ConvexReLUHead(Head):
         if validation is not None:
             validation = (normalize_inputs(stats, check_embeddings(validation[0], x.shape[1])),
                           encode_labels(validation[1], languages, len(validation[0])))
-        result = cronos.solve(problem, config, key=sketch_key, mesh=mesh, validation=validation)
+        rows_axis = None if mesh is None else runtime.logical_sharding(mesh, ("rows",)).spec[0]
+        result = cronos.solve(problem, config, key=sketch_key, mesh=mesh, rows_axis=rows_axis, validation=validation)
         W1, w2 = result.mlp_weights()
         hyperparameters = dict(n_patterns=n_patterns, beta=beta, rho=rho, rank=rank, admm_iters=admm_iters,
                                pcg_iters=pcg_iters, gamma=gamma, tol=tol)
@@ -88,23 +96,7 @@ class ConvexReLUHead(Head):
         `languages` default to the published label order for 2 classes (en, zh) or 5 (en, hi, id, ms, zh);
         other class counts need them explicitly.
         """
-        if os.path.isdir(pkl_path):
-            pkl_path = os.path.join(pkl_path, "model.pkl")
-        record = legacy.load_legacy_pickle(pkl_path)
-        num_classes, d, hidden = record["theta1"].shape
-        if languages is None:
-            if num_classes not in PUBLISHED_LANGUAGES:
-                raise ValueError(f"{pkl_path} has {num_classes} classes; pass languages=[...] (sorted ISO codes).")
-            languages = PUBLISHED_LANGUAGES[num_classes]
-        languages = check_languages(languages)
-        if len(languages) != num_classes:
-            raise ValueError(f"{pkl_path} has {num_classes} classes but {len(languages)} languages were given: {list(languages)}.")
-        hyperparameters = dict(n_patterns=record["P_S"], beta=record["beta"], rho=record["rho"])
-        metadata = cls.make_metadata(languages, d, hyperparameters=hyperparameters, seeds={}, encoder=encoder,
-                                     pooling=pooling, trainer="jaxcld 0.2.4 (converted legacy pickle)",
-                                     source=os.path.basename(os.path.dirname(os.path.abspath(pkl_path))) + "/"
-                                     + os.path.basename(pkl_path))
-        return cls(dict(W1=record["theta1"], w2=record["theta2"]), metadata)
+        return cls(*legacy.read_legacy_head(pkl_path, languages, encoder=encoder, pooling=pooling))
 
     @classmethod
     def load(cls, path: str, languages=None) -> "ConvexReLUHead":

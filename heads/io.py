@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load, save
+
+from encoders.runtime import atomic_write_bytes, atomic_write_text  # noqa: F401  (heads.io.atomic_write_* as before)
 
 __all__ = ["FORMAT_VERSION", "METADATA_FILE", "WEIGHTS_FILE", "flatten", "read_head", "safe_open_metadata", "unflatten", "write_head"]
 
@@ -52,23 +53,6 @@ def _json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"metadata value of type {type(value).__name__} is not JSON-serialisable: {value!r}")
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder, fsync and a rename, so a kill leaves
-    the old file or the new one, never half of one (the repository's one atomic file writer)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False, suffix=".tmp") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_head(directory: str, tensors: dict[str, np.ndarray], metadata: dict) -> None:

@@ -12,6 +12,9 @@ ndarray's `__setstate__` tuple.
 record, `_reconstruct_array` a NumPy-only rebuild, plus numpy's `_reconstruct`, `ndarray`, `dtype` and
 `scalar`. Any other global (os.system, builtins.eval, subprocess.Popen, ...) raises `RefusedGlobalError`
 naming it, before anything is called.
+
+This module only parses: `read_legacy_head` gives the weights and head.json metadata of the convex ReLU head a
+pickle holds (`ConvexReLUHead.from_legacy` builds the head from them; `convert` writes them in the safe format).
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ import pickle
 import numpy as np
 
 from heads import io
+from heads.base import PUBLISHED_LANGUAGES, check_languages, load_head
 
 __all__ = [
-    "LegacyCVXReLUMLP", "LegacyUnpickler", "RefusedGlobalError", "convert", "is_legacy_path", "load_legacy_pickle",
+    "HEAD_TYPE", "LegacyCVXReLUMLP", "LegacyUnpickler", "RefusedGlobalError", "convert", "is_legacy_path",
+    "load_legacy_pickle", "read_legacy_head",
 ]
+
+HEAD_TYPE = "convex_relu"  # the head type a released pickle converts to (`ConvexReLUHead.head_type`)
 
 _NP_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
 _NP_SCALAR = np.float32(0).__reduce__()[0]
@@ -103,17 +110,42 @@ def _plain(value):
     return np.asarray(value).item() if isinstance(value, (np.ndarray, np.generic)) and np.size(value) == 1 else value
 
 
+def read_legacy_head(pkl_path: str, languages=None, *, encoder: str | None = None,
+                     pooling: str = "mean") -> tuple[dict[str, np.ndarray], dict]:
+    """(params {W1 (C, d, 2P), w2 (C, 2P)}, head.json metadata) of a jaxcld `model.pkl` (or a directory holding one).
+
+    `languages` default to the published label order for 2 classes (en, zh) or 5 (en, hi, id, ms, zh); other
+    class counts need them explicitly.
+    """
+    if os.path.isdir(pkl_path):
+        pkl_path = os.path.join(pkl_path, "model.pkl")
+    record = load_legacy_pickle(pkl_path)
+    num_classes, d, _ = record["theta1"].shape
+    if languages is None:
+        if num_classes not in PUBLISHED_LANGUAGES:
+            raise ValueError(f"{pkl_path} has {num_classes} classes; pass languages=[...] (sorted ISO codes).")
+        languages = PUBLISHED_LANGUAGES[num_classes]
+    languages = check_languages(languages)
+    if len(languages) != num_classes:
+        raise ValueError(f"{pkl_path} has {num_classes} classes but {len(languages)} languages were given: {list(languages)}.")
+    metadata = dict(head_type=HEAD_TYPE, languages=list(languages), embedding_dim=int(d), encoder=encoder,
+                    pooling=pooling, hyperparameters=dict(n_patterns=record["P_S"], beta=record["beta"],
+                                                          rho=record["rho"]),
+                    seeds={}, metrics={}, trainer="jaxcld 0.2.4 (converted legacy pickle)",
+                    source=os.path.basename(os.path.dirname(os.path.abspath(pkl_path))) + "/"
+                    + os.path.basename(pkl_path))
+    return dict(W1=record["theta1"], w2=record["theta2"]), metadata
+
+
 def convert(pkl_path: str, out_dir: str, languages=None, *, encoder: str | None = None, pooling: str = "mean",
             metrics: dict | None = None):
-    """Converts a jaxcld `model.pkl` to the safe format in `out_dir`; returns the ConvexReLUHead.
+    """Converts a jaxcld `model.pkl` to the safe format in `out_dir`; returns the ConvexReLUHead loaded from there.
 
-    `languages` default to the published label order for 2 (en, zh) or 5 (en, hi, id, ms, zh) classes.
+    `languages` as in `read_legacy_head`.
     """
-    from heads.convex import ConvexReLUHead
-
-    head = ConvexReLUHead.from_legacy(pkl_path, languages, encoder=encoder, pooling=pooling)
-    head.save(out_dir, metrics=metrics)
-    return head
+    params, metadata = read_legacy_head(pkl_path, languages, encoder=encoder, pooling=pooling)
+    io.write_head(out_dir, params, {**metadata, "metrics": dict(metrics or {})})
+    return load_head(out_dir)
 
 
 def is_legacy_path(path: str) -> bool:

@@ -23,10 +23,17 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
+from encoders import runtime
 from heads import io
-from heads.baselines import MLP, _apply, _open_checkpoints
+from heads.baselines import (
+    MLP,
+    _apply,
+    _batch_layout,
+    _open_checkpoints,
+    _put,
+    _replicated,
+)
 
 __all__ = ["HEAD_TYPE", "PhoneticProjector", "balanced_batches", "from_torch_checkpoint", "load_projector",
            "project", "save_projector", "supcon_loss", "train_projector"]
@@ -124,8 +131,10 @@ def train_projector(features, labels, *, hidden: int = 1024, out_dim: int = 256,
 
     With `checkpoint_dir`, saves every `checkpoint_every` steps and resumes from the latest checkpoint
     (same configuration required), ending with the parameters of an uninterrupted run. With `mesh`, each
-    batch is split over its `data` axis (the batch size must divide evenly) and parameters are replicated.
-    `stop_after` ends the run early after that many steps (to simulate an interruption).
+    batch is split over the mesh axis of the "batch" rule (`encoders.runtime`; padded with repeated rows the
+    loss ignores) and parameters are replicated; on several processes the features and labels must be the full data,
+    identical on every process (so are the parameters). `stop_after` ends the run early after that many steps
+    (to simulate an interruption).
     """
     x = np.asarray(features, np.float32)
     labels = np.asarray(labels)
@@ -146,16 +155,14 @@ def train_projector(features, labels, *, hidden: int = 1024, out_dim: int = 256,
     tx = optax.adam(learning_rate)
     train = dict(params=params, opt_state=tx.init(params), step=jnp.asarray(0, jnp.int32),
                  dropout_key=jax.random.key_data(dropout_key))
-    batch_sharding = None
+    shards, x_sharding, y_sharding = _batch_layout(mesh)
     if mesh is not None:
-        replicated = NamedSharding(mesh, PartitionSpec())
-        train = jax.device_put(train, replicated)
-        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        train = _replicated(train, mesh)
 
     @jax.jit
-    def step_fn(train, xb, yb):
+    def step_fn(train, xb, yb, valid):
         key = jax.random.fold_in(jax.random.wrap_key_data(train["dropout_key"]), train["step"])
-        loss_fn = lambda p: supcon_loss(_apply(graphdef, abstract, p, xb, dropout_key=key), yb, temperature)
+        loss_fn = lambda p: supcon_loss(_apply(graphdef, abstract, p, xb, dropout_key=key), yb, temperature, valid)
         loss, grads = jax.value_and_grad(loss_fn)(train["params"])
         updates, opt_state = tx.update(grads, train["opt_state"], train["params"])
         return {**train, "params": optax.apply_updates(train["params"], updates), "opt_state": opt_state,
@@ -163,18 +170,20 @@ def train_projector(features, labels, *, hidden: int = 1024, out_dim: int = 256,
 
     manager = None
     if checkpoint_dir is not None:
-        manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train, dict(config, n=int(x.shape[0])))
-    start_step = int(train["step"])
+        manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train, dict(config, n=int(x.shape[0])),
+                                           mesh)
+    start_step = int(runtime.to_host(train["step"]))
     end = steps if stop_after is None else min(steps, start_step + stop_after)
     losses, started = [], time.perf_counter()
     batches = balanced_batches(y, classes_per_batch=classes_per_batch, instances_per_class=instances_per_class,
                                seed=seed, steps=end, start=start_step) if start_step < end else iter(())
     for step, index in enumerate(batches, start=start_step + 1):
-        xb, yb = jnp.asarray(x[index]), jnp.asarray(y[index], jnp.int32)
-        if batch_sharding is not None:
-            xb, yb = jax.device_put((xb, yb), batch_sharding)
-        train, loss = step_fn(train, xb, yb)
-        losses.append(float(loss))
+        rows = len(index) + (-len(index) % shards)
+        valid = _put(np.arange(rows) < len(index), y_sharding)
+        index = np.resize(index, rows)  # padding repeats real rows (a zero row's unit-norm gradient is NaN)
+        xb, yb = _put(x[index], x_sharding), _put(y[index].astype(np.int32), y_sharding)
+        train, loss = step_fn(train, xb, yb, valid)
+        losses.append(float(runtime.to_host(loss)))
         if manager is not None:
             manager.save(step, args=ocp.args.StandardSave(train), force=step == end)
     if manager is not None:
@@ -182,7 +191,7 @@ def train_projector(features, labels, *, hidden: int = 1024, out_dim: int = 256,
         manager.close()
     info = dict(config=config, steps_run=end - start_step, final_step=end, losses=losses,
                 seconds=time.perf_counter() - started)
-    return io.flatten(jax.device_get(train["params"])), info
+    return io.flatten(jax.tree.map(runtime.to_host, train["params"])), info
 
 
 def save_projector(directory: str, params: dict, metadata: dict | None = None) -> None:

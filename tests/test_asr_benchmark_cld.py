@@ -1,4 +1,4 @@
-"""experiments.benchmark_cld on the shipped corpus with a tiny random Whisper: detections against transformers,
+"""experiments.bench.benchmark_cld on the shipped corpus with a tiny random Whisper: detections against transformers,
 split hygiene, resuming after a truncated write, and refusing a changed configuration."""
 
 import json
@@ -10,7 +10,10 @@ import torch
 from asr_testutil import tiny_whisper_asr
 from transformers import WhisperFeatureExtractor
 
-from experiments import benchmark_cld, cld, cld_data
+from encoders import input_pipeline
+from experiments.bench import benchmark_cld
+from experiments.lib import cld
+from experiments.lib.cld import EMBEDDED_CORPUS
 
 LANGS = ["en", "hi", "id", "ms", "zh"]
 
@@ -33,8 +36,8 @@ def setup(tmp_path_factory):
     model = tiny_whisper_asr(ckpt)
     from heads import LinearHead
 
-    train = [e for e in cld_data.load_manifest(languages=LANGS).examples if e.split == "train"][::12]
-    emb, _ = _torch_features(model, [cld_data.read_audio(e) for e in train])
+    train = [e for e in input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=LANGS).examples if e.split == "train"][::12]
+    emb, _ = _torch_features(model, [input_pipeline.read_audio(e) for e in train])
     LinearHead.fit(emb, [e.lang for e in train], LANGS).save(str(root / "head"))
     config = dict(encoder=ckpt, dataset="embedded", splits=["test", "accent_shift"], languages=LANGS, data_seed=0,
                   batch_size=4, max_examples=5, max_new_tokens=4, repetition_penalty=1.0,
@@ -46,8 +49,8 @@ def test_detections_match_transformers_and_splits_follow_train_cld(setup):
     root, model, config = setup
     results = benchmark_cld.run(config, str(root / "out"))
     ds = cld.load_dataset("embedded", LANGS)
-    _, _, test = cld_data.split(ds, data_seed=0)
-    heldout = {e.id for e in cld_data.heldout_accent_test(ds).examples}
+    _, _, test = input_pipeline.split(ds, data_seed=0)
+    heldout = {e.id for e in input_pipeline.heldout_accent_test(ds).examples}
     assert [r["id"] for r in results["records"]["test"]] == [e.id for e in test.examples[:5]]
     assert not heldout & {r["id"] for r in results["records"]["test"]}  # test excludes the held-out accents
     assert {r["id"] for r in results["records"]["accent_shift"]} <= heldout
@@ -57,8 +60,8 @@ def test_detections_match_transformers_and_splits_follow_train_cld(setup):
     head = load_head(str(root / "head"))
     lang_to_id = model.generation_config.lang_to_id
     for split, records in results["records"].items():
-        by_id = {e.id: e for e in (test.examples if split == "test" else cld_data.heldout_accent_test(ds).examples)}
-        emb, logprobs = _torch_features(model, [cld_data.read_audio(by_id[r["id"]]) for r in records])
+        by_id = {e.id: e for e in (test.examples if split == "test" else input_pipeline.heldout_accent_test(ds).examples)}
+        emb, logprobs = _torch_features(model, [input_pipeline.read_audio(by_id[r["id"]]) for r in records])
         expected_head = head.predict_languages(emb)
         all_codes = sorted(code.strip("<|>") for code in lang_to_id)
         for r, h, lp in zip(records, expected_head, logprobs):
@@ -95,17 +98,17 @@ def test_whisper_features_pass_matches_transformers(setup, tmp_path):
     """extract_whisper's one pass: all-frames mean, covering-frames mean and language log-probs vs transformers."""
     _, model, config = setup
     from asr.whisper_decoder import WhisperDecoder
+    from encoders import extraction
     from encoders.whisper import WhisperEncoder
-    from experiments import embeddings
 
-    examples = [e for e in cld_data.load_manifest(languages=LANGS).examples if e.split == "test"][::21]
+    examples = [e for e in input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=LANGS).examples if e.split == "test"][::21]
     lang_to_id = model.generation_config.lang_to_id
     codes = ["en", "zh", "th"]
-    feats = embeddings.extract_whisper(
+    feats = extraction.extract_whisper(
         WhisperEncoder.from_pretrained(config["encoder"]), WhisperDecoder.from_pretrained(config["encoder"]), examples,
         sot=model.generation_config.decoder_start_token_id, language_ids=[lang_to_id[f"<|{c}|>"] for c in codes],
         cache_dir=str(tmp_path), batch_size=4, progress=False)
-    clips = [cld_data.read_audio(e) for e in examples]
+    clips = [input_pipeline.read_audio(e) for e in examples]
     fe = WhisperFeatureExtractor(feature_size=80)
     mel = torch.from_numpy(fe(clips, sampling_rate=16000, return_tensors="np").input_features)
     with torch.no_grad():

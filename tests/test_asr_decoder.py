@@ -9,7 +9,6 @@ from asr.whisper_decoder import WhisperDecoder
 from encoders.whisper import WhisperEncoder
 
 
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("whisper_asr")

@@ -13,8 +13,9 @@ from asr_testutil import tiny_whisper_asr
 
 from asr import ASRModel
 from asr.whisper_pipeline import WhisperASR, merge_overlap, split_windows
+from encoders import input_pipeline
 from encoders.audio import log_mel_spectrogram, pad_or_trim
-from experiments import cld_data
+from experiments.lib.cld import EMBEDDED_CORPUS
 from heads import ConvexReLUHead, LinearHead
 
 LANGS = ["en", "hi", "zh"]
@@ -34,12 +35,12 @@ def setup(tmp_path_factory):
     ref = tiny_whisper_asr(path)
     model = ASRModel.from_pretrained(path, languages=LANGS)
     model.config = dataclasses.replace(model.config, max_new_tokens=8, batch_size=4)
-    ds = cld_data.load_manifest(cld_data.DEFAULT_CORPUS, languages=LANGS, on_unknown_language="drop")
+    ds = input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=LANGS, on_unknown_language="drop")
     train = [e for e in ds.examples if e.split == "train"][::8]
     test = [e for e in ds.examples if e.split == "test"][::6][:6]
-    emb = torch_embeddings(ref, [cld_data.read_audio(e) for e in train])
+    emb = torch_embeddings(ref, [input_pipeline.read_audio(e) for e in train])
     head = LinearHead.fit(emb, [e.lang for e in train], LANGS, encoder=path)
-    return path, model, head, [cld_data.read_audio(e) for e in test], ref
+    return path, model, head, [input_pipeline.read_audio(e) for e in test], ref
 
 
 def test_predict_routes_by_head(setup):

@@ -11,17 +11,18 @@ import transformers
 from asr_testutil import tiny_whisper_asr
 from encoders_testutil import tiny_wav2vec2
 
-from experiments import cld, cld_data, embeddings
+from encoders import extraction, input_pipeline
+from experiments.lib import cld
 
 
-def manifest(tmp_path, samples: dict[str, int]) -> cld_data.Dataset:
+def manifest(tmp_path, samples: dict[str, int]) -> input_pipeline.Dataset:
     """16 kHz noise clips of the given lengths, loaded through a manifest (the loader records their lengths)."""
     rows = []
     for i, (clip_id, n) in enumerate(samples.items()):
         sf.write(tmp_path / f"{clip_id}.wav", np.random.default_rng(i).uniform(-0.5, 0.5, n), 16000)
         rows.append({"id": clip_id, "audio": f"{clip_id}.wav", "lang": "en"})
     (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return cld_data.load_manifest(str(tmp_path / "manifest.jsonl"))
+    return input_pipeline.load_manifest(str(tmp_path / "manifest.jsonl"))
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def no_encoding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("encoding started before the clip lengths were checked")
 
-    monkeypatch.setattr(embeddings, "encoder_batches", refuse)
+    monkeypatch.setattr(extraction, "encoder_batches", refuse)
 
 
 @pytest.mark.parametrize("pretrained", [True, False], ids=["extract_whisper", "extract"])

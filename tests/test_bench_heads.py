@@ -1,9 +1,10 @@
-"""experiments.bench_heads: seeded sentence-level splits, the time-to-target search and the computed winner."""
+"""experiments.bench.bench_heads: seeded sentence-level splits, the time-to-target search and the computed winner."""
 
 import numpy as np
 import pytest
 
-from experiments import bench_heads, cld_data
+from encoders import input_pipeline
+from experiments.bench import bench_heads
 
 
 def _corpus(n_sentences=20, accents=("a", "b", "c"), heldout="d", languages=("en", "zh")):
@@ -14,24 +15,24 @@ def _corpus(n_sentences=20, accents=("a", "b", "c"), heldout="d", languages=("en
         names = rng.permutation(["train"] * 14 + ["valid"] * 3 + ["test"] * 3)[:n_sentences]
         for accent in (*accents, heldout):
             for i, name in enumerate(names):
-                examples.append(cld_data.Example(
+                examples.append(input_pipeline.Example(
                     id=f"{lang}/{accent}/{i:03d}", lang=lang, text=f"{lang} sentence {i}", accent=accent,
                     split="test" if accent == heldout else str(name), heldout_accent=accent == heldout))
-    return cld_data.Dataset(examples, tuple(languages), cld_data.Stats())
+    return input_pipeline.Dataset(examples, tuple(languages), input_pipeline.Stats())
 
 
 def test_seed_zero_is_the_corpus_split_and_other_seeds_redraw_by_sentence():
     ds = _corpus()
     assert [[e.id for e in p.examples] for p in bench_heads.seeded_split(ds, 0)] == \
-        [[e.id for e in p.examples] for p in cld_data.split(ds)]
+        [[e.id for e in p.examples] for p in input_pipeline.split(ds)]
     reference = {e.id: e.split for e in ds.examples if not e.heldout_accent}
     for seed in (1, 2):
         parts = bench_heads.seeded_split(ds, seed)
-        assigned = {e.id: name for name, part in zip(cld_data.SPLITS, parts) for e in part.examples}
+        assigned = {e.id: name for name, part in zip(input_pipeline.SPLITS, parts) for e in part.examples}
         assert sorted(assigned) == sorted(reference)  # every seen-accent clip once, no held-out clip
         assert assigned != reference
         for lang in ds.languages:  # per language: same number of clips per split as the corpus split
-            for name in cld_data.SPLITS:
+            for name in input_pipeline.SPLITS:
                 assert sum(1 for i, n in assigned.items() if n == name and i.startswith(lang)) == \
                     sum(1 for i, n in reference.items() if n == name and i.startswith(lang))
         text = {e.id: (e.lang, e.text) for e in ds.examples}
@@ -45,10 +46,10 @@ def test_seed_zero_is_the_corpus_split_and_other_seeds_redraw_by_sentence():
 
 def test_without_a_split_column_seeds_use_cld_data_split():
     ds = _corpus()
-    ds = ds.subset([cld_data.Example(id=e.id, lang=e.lang, text=e.text, accent=e.accent) for e in ds.examples])
+    ds = ds.subset([input_pipeline.Example(id=e.id, lang=e.lang, text=e.text, accent=e.accent) for e in ds.examples])
     for seed in (0, 3):
         assert [[e.id for e in p.examples] for p in bench_heads.seeded_split(ds, seed)] == \
-            [[e.id for e in p.examples] for p in cld_data.split(ds, data_seed=seed)]
+            [[e.id for e in p.examples] for p in input_pipeline.split(ds, data_seed=seed)]
 
 
 class _FakeHead:

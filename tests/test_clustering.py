@@ -83,7 +83,7 @@ from sklearn.cluster import KMeans
 from heads import clustering
 rng = np.random.default_rng(1); c = rng.standard_normal((10, 6)) * 8
 x = (c[rng.integers(0, 10, 1001)] + rng.standard_normal((1001, 6))).astype(np.float32)
-from encoders.sharding import create_mesh; mesh = create_mesh(4)
+from encoders.runtime import create_mesh; mesh = create_mesh(4)
 ours = clustering.kmeans(x, k=10, n_init=4, mesh=mesh)
 ref = KMeans(n_clusters=10, n_init=4, random_state=0).fit(x)
 assert ours.assignments.shape == (1001,), ours.assignments.shape
@@ -92,4 +92,26 @@ print("ok")
 """
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_kmeans_on_meshes_and_rules_equals_no_mesh():
+    code = """
+import numpy as np
+from encoders import runtime
+from heads import clustering
+rng = np.random.default_rng(2); c = rng.standard_normal((8, 5)) * 6
+x = (c[rng.integers(0, 8, 1000)] + rng.standard_normal((1000, 5))).astype(np.float32)   # 1000 rows: no padding
+ref = clustering.kmeans(x, k=8, n_init=2, seed=3)
+for model, rules in ((1, None), (4, {"rows": "model"}), (2, {"rows": None})):
+    runtime.set_rules(rules)
+    ours = clustering.kmeans(x, k=8, n_init=2, seed=3, mesh=runtime.create_mesh(model=model))
+    np.testing.assert_allclose(ours.centroids, ref.centroids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(ours.assignments, ref.assignments)
+    assert ours.n_iter == ref.n_iter and abs(ours.inertia - ref.inertia) <= 1e-5 * ref.inertia, (ours, ref)
+print("ok")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

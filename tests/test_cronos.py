@@ -11,10 +11,10 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from reference import cvxpy_optimum
 from sklearn.metrics import accuracy_score
 
 import cronos
-from reference import cvxpy_optimum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,6 +245,36 @@ def test_sharded_equals_unsharded_on_8_devices():
             scale = float(np.abs(np.asarray(single.v)).max())
             np.testing.assert_allclose(np.asarray(sharded.v), np.asarray(single.v), rtol=0, atol=tol * scale)
             np.testing.assert_allclose(sharded.history["objective"], single.history["objective"], rtol=10 * tol)
+        print("OK")
+    """)
+    assert stdout.strip().endswith("OK")
+
+
+def test_custom_rows_axis_and_replicated_rows_equal_unsharded_on_8_devices():
+    stdout = _run_sharded("""
+        import jax, numpy as np, cronos
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((203, 12)); y = rng.integers(0, 3, 203)   # 203 rows: padded to 204 over 4 shards
+        D = np.asarray(cronos.sample_patterns(jax.random.key(1), X, 6))
+        problem = cronos.ConvexReLU(X, y, patterns=D, beta=1e-3)
+        two_axes = jax.make_mesh((2, 4), ("replica", "rows"))
+        flat = jax.make_mesh((8,), ("data",))
+        jaxcld = cronos.JaxcldConfig(rank=10, admm_iters=4, pcg_iters=10)
+        for config, tol in ((cronos.ADMMConfig(), 1e-3), (jaxcld, 1e-4)):
+            single = cronos.solve(problem, config, key=jax.random.key(2))
+            for mesh, rows_axis in ((two_axes, "rows"), (flat, None)):
+                sharded = cronos.solve(problem, config, key=jax.random.key(2), mesh=mesh, rows_axis=rows_axis)
+                scale = float(np.abs(np.asarray(single.v)).max())
+                for ours, theirs in ((sharded.v, single.v), (sharded.w, single.w)):
+                    np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=tol * scale)
+                np.testing.assert_allclose(sharded.history["objective"], single.history["objective"], rtol=10 * tol)
+        try:
+            cronos.solve(problem, cronos.ADMMConfig(), mesh=flat)   # default rows_axis "data" exists
+            cronos.solve(problem, cronos.ADMMConfig(), mesh=two_axes)
+        except ValueError as error:
+            assert "rows_axis 'data' is not an axis of the mesh" in str(error), error
+        else:
+            raise AssertionError("a mesh without the rows axis was accepted")
         print("OK")
     """)
     assert stdout.strip().endswith("OK")

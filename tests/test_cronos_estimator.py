@@ -12,6 +12,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from reference import cvxpy_optimum
 from sklearn.base import clone, is_classifier
 from sklearn.datasets import load_breast_cancer, load_iris
 from sklearn.exceptions import NotFittedError as SklearnNotFittedError
@@ -22,7 +23,6 @@ from sklearn.utils.validation import check_is_fitted
 
 import cronos
 from cronos import estimator as estimator_module
-from reference import cvxpy_optimum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
@@ -159,7 +159,8 @@ def test_get_params_set_params_round_trip():
     clf = cronos.ConvexReLUClassifier()
     params = clf.get_params()
     assert params == {"n_patterns": 64, "beta": 1e-3, "tol": 1e-4, "max_iter": 3000, "solver": "auto",
-                      "dtype": "float32", "gated": False, "random_state": 0, "mesh": None, "compilation_cache": True}
+                      "dtype": "float32", "gated": False, "random_state": 0, "mesh": None, "rows_axis": "data",
+                      "compilation_cache": True}
     assert clf.get_params(deep=False) == params
     new = {"n_patterns": 8, "beta": 0.5, "tol": 1e-3, "max_iter": 10, "solver": "fixed", "dtype": "float64",
            "gated": True, "random_state": 3, "compilation_cache": False}
@@ -193,6 +194,7 @@ def test_init_only_stores_and_fit_validates():
     (dict(random_state=-1), "random_state must be a non-negative integer"),
     (dict(random_state=None), "random_state must be a non-negative integer"),
     (dict(mesh="data"), "mesh must be None or a jax Mesh"),
+    (dict(rows_axis=0), "rows_axis must be a mesh axis name or None"),
     (dict(compilation_cache=""), "compilation_cache must be"),
 ])
 def test_bad_parameters_raise_at_fit(params, message):
@@ -201,6 +203,13 @@ def test_bad_parameters_raise_at_fit(params, message):
     with pytest.raises(ValueError, match=message):
         clf.fit(X, y)
     assert not hasattr(clf, "result_")
+
+
+def test_rows_axis_must_name_a_mesh_axis():
+    X, y = _blobs()
+    clf = cronos.ConvexReLUClassifier(mesh=jax.make_mesh((1,), ("data",)), rows_axis="rows")
+    with pytest.raises(ValueError, match=r"rows_axis 'rows' is not an axis of the mesh \(axes \('data',\)\)"):
+        clf.fit(X, y)
 
 
 def test_fixed_solver_ignores_tol_and_max_iter():
@@ -288,14 +297,14 @@ def test_pickle_round_trip_of_a_fitted_estimator():
 
 
 def test_one_device_mesh_fits_clones_and_pickles():
-    mesh = jax.make_mesh((1,), ("data",))
+    mesh = jax.make_mesh((1,), ("samples",))
     X, y = _blobs()
-    clf = cronos.ConvexReLUClassifier(n_patterns=8, beta=1e-2, mesh=mesh).fit(X, y)
+    clf = cronos.ConvexReLUClassifier(n_patterns=8, beta=1e-2, mesh=mesh, rows_axis="samples").fit(X, y)
     plain = cronos.ConvexReLUClassifier(n_patterns=8, beta=1e-2).fit(X, y)
     np.testing.assert_allclose(clf.decision_function(X), plain.decision_function(X), rtol=1e-4, atol=1e-4)
-    assert clone(clf).mesh == mesh
+    assert clone(clf).mesh == mesh and clone(clf).rows_axis == "samples"
     back = pickle.loads(pickle.dumps(clf))
-    assert back.mesh == mesh
+    assert back.mesh == mesh and back.rows_axis == "samples"
     np.testing.assert_array_equal(back.predict(X), clf.predict(X))
     back.fit(X, y)  # the rebuilt mesh is usable
 
@@ -388,10 +397,11 @@ _BINARY_FLAG = textwrap.dedent("""
     import json, sys
     import jax
     from absl import flags
-    from experiments import report, train_cld  # train_cld defines the flag; a second definition is a no-op
-    report.define_compilation_cache_flag()
+    from experiments import train_cld  # noqa: F401  (defines the shared flags through runtime_flags)
+    from experiments.lib import runtime_flags
     flags.FLAGS(["binary", *sys.argv[1:]])
-    print(json.dumps({"returned": report.enable_compilation_cache(), "jax": jax.config.jax_compilation_cache_dir}))
+    print(json.dumps({"returned": runtime_flags.enable_compilation_cache(),
+                      "jax": jax.config.jax_compilation_cache_dir}))
 """)
 
 

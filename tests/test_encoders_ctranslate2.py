@@ -34,10 +34,10 @@ from asr import ASRModel, WhisperDecodingConfig
 from asr.generate import DecodeOptions, generate
 from asr.whisper_decoder import WhisperDecoder
 from encoders import ctranslate2 as ct2_reader
-from encoders import loading, pretrained
+from encoders import input_pipeline, loading, pretrained
 from encoders.audio import log_mel_spectrogram, pad_or_trim, prepare_audio
 from encoders.whisper import WhisperEncoder
-from experiments import cld_data
+from experiments.lib.cld import EMBEDDED_CORPUS
 from heads import LinearHead
 
 BASE, TINY_EN = "openai/whisper-base", "openai/whisper-tiny.en"
@@ -294,7 +294,7 @@ def test_base_predict_with_a_separately_trained_head_matches_transformers(asr_ba
     our pipeline: languages = the head on transformers' states of other clips, texts = transformers `generate`
     in those languages (greedy, no penalty)."""
     _, model, processor = base
-    ds = cld_data.load_manifest(cld_data.DEFAULT_CORPUS, languages=list(LANGS), on_unknown_language="drop")
+    ds = input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=list(LANGS), on_unknown_language="drop")
 
     def pick(split, per_lang, step):
         return [e for lang in LANGS for e in [e for e in ds.examples if e.split == split and e.lang == lang][::step][:per_lang]]
@@ -306,9 +306,9 @@ def test_base_predict_with_a_separately_trained_head_matches_transformers(asr_ba
             return feats, model.model.encoder(feats).last_hidden_state.numpy().astype(np.float64).mean(1)
 
     train, test = pick("train", 6, 7), pick("test", 2, 5)
-    _, emb = transformers_states([cld_data.read_audio(e) for e in train])
+    _, emb = transformers_states([input_pipeline.read_audio(e) for e in train])
     head = LinearHead.fit(emb, [e.lang for e in train], list(LANGS), encoder=BASE)
-    clips = [cld_data.read_audio(e) for e in test]
+    clips = [input_pipeline.read_audio(e) for e in test]
     feats, test_emb = transformers_states(clips)
     expected = head.predict_languages(test_emb)
     with torch.no_grad():

@@ -11,8 +11,8 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import errors as hub_errors
 from encoders_testutil import TOL, max_err, random_audio, tiny_wav2vec2, tiny_whisper
+from huggingface_hub import errors as hub_errors
 from safetensors.numpy import load_file, save_file
 
 from encoders import loading, wav2vec2, whisper

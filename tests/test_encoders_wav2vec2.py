@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 from encoders_testutil import TOL, max_err, random_audio, tiny_wav2vec2
+from flax import nnx
 
 from encoders import layers, wav2vec2
 

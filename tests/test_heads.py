@@ -1,5 +1,7 @@
 """heads/: legacy jaxcld pickles (restricted unpickling), safe format, cronos head, NN resume, linear head."""
 
+import ast
+import inspect
 import json
 import os
 import pickle
@@ -10,13 +12,14 @@ import types
 import jax
 import numpy as np
 import pytest
+from reference import cvxpy_optimum
 from sklearn.linear_model import LogisticRegression
 
 import cronos
 import heads.baselines
+import heads.legacy
 from heads import ConvexReLUHead, LinearHead, NNHead, load_head
 from heads.legacy import RefusedGlobalError, convert, load_legacy_pickle
-from reference import cvxpy_optimum
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LEGACY_PKL = os.path.join(FIXTURES, "jaxcld_cvx_relu_mlp.pkl")
@@ -77,6 +80,21 @@ def test_legacy_needs_languages_matching_class_count(tmp_path):
         ConvexReLUHead.load(LEGACY_PKL, languages=["en", "hi", "zh"])
     record = load_legacy_pickle(LEGACY_PKL)
     assert record["theta1"].shape == (2, 16, 8) and record["theta2"].shape == (2, 8)
+
+
+def test_legacy_metadata_is_the_convex_heads_and_imports_are_one_way():
+    head = ConvexReLUHead.from_legacy(LEGACY_PKL, encoder="whisper-small")
+    expected = ConvexReLUHead.make_metadata(
+        ("en", "zh"), 16, hyperparameters={"n_patterns": 4, "beta": 1e-3, "rho": 0.1}, seeds={},
+        encoder="whisper-small", pooling="mean", trainer="jaxcld 0.2.4 (converted legacy pickle)",
+        source="fixtures/jaxcld_cvx_relu_mlp.pkl")
+    assert head.metadata == expected
+    # heads.legacy only parses; heads.convex builds heads from it and is never imported by it
+    source = inspect.getsource(heads.legacy)
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert not any(name.startswith("heads.convex") for name in imported), imported
 
 
 class _Shell:
@@ -221,6 +239,41 @@ def test_nn_head_resumes_to_identical_params(tmp_path, monkeypatch):
         np.testing.assert_array_equal(resumed.params[name], reference.params[name])
     with pytest.raises(ValueError, match="different run"):
         NNHead.fit(X, y, checkpoint_dir=ckpt, **{**args, "seed": 6})
+
+
+def test_nn_and_convex_heads_on_meshes_and_rules_equal_no_mesh(tmp_path):
+    code = """
+import sys
+import numpy as np
+from encoders import runtime
+from heads import ConvexReLUHead, NNHead
+rng = np.random.default_rng(0)
+y = np.arange(100) % 3
+x = (1.2 * rng.standard_normal((3, 8))[y] + rng.standard_normal((100, 8))).astype(np.float32)
+langs = ["en", "hi", "zh"]
+kw = dict(languages=langs, hidden=16, epochs=3, batch_size=16, seed=5)  # 7 steps/epoch; the last 4 rows -> 8 on 8
+nn_ref = NNHead.fit(x, y, **kw)
+cvx_ref = ConvexReLUHead.fit(x, y, languages=langs, n_patterns=8, rank=8, seed=3)
+for model, rules in ((1, None), (4, {"batch": "model", "rows": "model"}), (2, {"batch": None, "rows": None})):
+    runtime.set_rules(rules)
+    mesh = runtime.create_mesh(model=model)
+    ckpt = f"{sys.argv[1]}/nn{model}"
+    nn = NNHead.fit(x, y, mesh=mesh, checkpoint_dir=ckpt, checkpoint_every=4, **kw)
+    again = NNHead.fit(x, y, mesh=mesh, checkpoint_dir=ckpt, checkpoint_every=4, **kw)  # restores the last step
+    assert again.train_info["losses"] == [], again.train_info
+    np.testing.assert_allclose(nn.train_info["losses"], nn_ref.train_info["losses"], rtol=1e-5)
+    for name in nn_ref.params:
+        np.testing.assert_allclose(nn.params[name], nn_ref.params[name], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(again.params[name], nn.params[name])
+    cvx = ConvexReLUHead.fit(x, y, languages=langs, n_patterns=8, rank=8, seed=3, mesh=mesh)
+    scale = np.abs(cvx_ref.logits(x)).max()
+    np.testing.assert_allclose(cvx.logits(x), cvx_ref.logits(x), rtol=0, atol=1e-3 * scale)
+print("ok")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600, check=False)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
 def test_linear_head_matches_sklearn():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encoders import wav2vec2
+from encoders import phone_spans, wav2vec2
 from encoders.pooling import span_mean_pool
-from experiments import build_phone_corpus, phone_spans
+from experiments import build_phone_corpus
+
 
 def tiny_encoder():
     cfg = wav2vec2.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -40,7 +41,7 @@ def test_span_features_match_direct_pooling_and_cache(corpus, tmp_path):
     enc = tiny_encoder()
     X, labels, sources = phone_spans.extract_spans(enc, utts, cache_dir=str(tmp_path), batch_size=2, progress=False)
     assert X.shape == (4, 32) and list(sources) == ["es"] * 4
-    from experiments.cld_data import decode_audio
+    from encoders.input_pipeline import decode_audio
     audio = decode_audio(utts[0].audio_path)[None]
     ref = span_mean_pool(enc(wav2vec2.normalize(audio)), utts[0].spans[None])[0]
     np.testing.assert_allclose(X[:3], ref, atol=1e-4)

@@ -1,5 +1,10 @@
 """Phonetic projector and supervised contrastive loss against NumPy references."""
 
+import os
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import pytest
 
@@ -44,9 +49,18 @@ def test_supcon_order_invariant_and_singletons():
     np.testing.assert_allclose(loss, supcon_reference(z, labels, 0.07), rtol=1e-4)
     all_singletons = supcon.supcon_loss(z, np.arange(16))
     assert float(all_singletons) == 0.0
-    import jax
     grad = jax.grad(lambda q: supcon.supcon_loss(q, np.arange(16)))(z)
     assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_valid_mask_drops_rows_with_finite_gradients():
+    rng = np.random.default_rng(4)
+    z, labels = _normalised(rng, 12, 6), np.array([0, 0, 1, 1, 2, 2, 0, 1, 2, 0, 3, 3])
+    valid = np.arange(12) < 9  # the last three rows are padding
+    loss = supcon.supcon_loss(z, labels, 0.1, valid)
+    np.testing.assert_allclose(loss, supcon_reference(z[:9], labels[:9], 0.1), rtol=1e-4)
+    grad = np.asarray(jax.grad(lambda q: supcon.supcon_loss(q, labels, 0.1, valid))(z))
+    assert np.isfinite(grad).all() and not grad[9:].any()
 
 
 def test_projector_shapes_and_norm():
@@ -121,3 +135,32 @@ def test_torch_mlp_head_checkpoint(tmp_path):
     torch.save({"config": {"in_dim": 12, "hidden": 16, "out_dim": 4}, "state_dict": {"w": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match="state_dict keys"):
         supcon.from_torch_checkpoint(path)
+
+
+def test_training_on_meshes_and_rules_equals_no_mesh(tmp_path):
+    code = """
+import sys
+import numpy as np
+from encoders import runtime
+from heads import supcon
+rng = np.random.default_rng(0)
+y = np.repeat(np.arange(6), 20)
+x = (rng.standard_normal((6, 10))[y] * 2 + rng.standard_normal((120, 10))).astype(np.float32)
+kw = dict(hidden=16, out_dim=8, steps=12, classes_per_batch=4, instances_per_class=3, seed=0)  # batch 12 -> 16 on 8
+ref, ref_info = supcon.train_projector(x, y, **kw)
+for model, rules in ((1, None), (2, {"batch": "model"})):
+    runtime.set_rules(rules)
+    mesh = runtime.create_mesh(model=model)
+    ckpt = f"{sys.argv[1]}/ckpt{model}"
+    supcon.train_projector(x, y, mesh=mesh, checkpoint_dir=ckpt, checkpoint_every=5, stop_after=7, **kw)
+    ours, info = supcon.train_projector(x, y, mesh=mesh, checkpoint_dir=ckpt, checkpoint_every=5, **kw)
+    assert info["steps_run"] == 5, info
+    np.testing.assert_allclose(info["losses"], ref_info["losses"][7:], rtol=1e-5)
+    for name in ref:
+        np.testing.assert_allclose(ours[name], ref[name], rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

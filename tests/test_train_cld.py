@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from encoders_testutil import tiny_whisper
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,12 +79,13 @@ def test_train_cld_end_to_end(corpus, tmp_path):
     assert "| Samples per class | Test accuracy |" in card and "en-gb" in card
 
     # The saved head reproduces the reported accuracy on freshly extracted test embeddings.
-    from experiments import cld, cld_data, embeddings
+    from encoders import extraction, input_pipeline
+    from experiments.lib import cld
     from heads import ConvexReLUHead
-    dataset = cld_data.load_manifest(corpus["two"], languages=["en", "zh"])
-    _, _, test = cld_data.split(dataset, data_seed=0)
+    dataset = input_pipeline.load_manifest(corpus["two"], languages=["en", "zh"])
+    _, _, test = input_pipeline.split(dataset, data_seed=0)
     encoder, pooling, _ = cld.load_encoder(corpus["encoder"])
-    X, _ = embeddings.extract(encoder, test.examples, cache_dir=str(tmp_path / "fresh"), batch_size=4, pooling=pooling,
+    X, _ = extraction.extract(encoder, test.examples, cache_dir=str(tmp_path / "fresh"), batch_size=4, pooling=pooling,
                               progress=False)
     head = ConvexReLUHead.load(str(out / "head"))
     accuracy = np.mean([p == e.lang for p, e in zip(head.predict_languages(X), test.examples)])

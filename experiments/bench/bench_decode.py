@@ -22,9 +22,9 @@ first call, which compiles, is reported separately), then `--rounds` timed round
 system processes all clips, in an order rotated from round to round. Speed-ups are computed round by round
 (same round, same machine state) and reported as the median with the min-max spread.
 
-    python -m experiments.bench_decode --flagfile=experiments/configs/bench_decode.flags
-    python -m experiments.bench_decode --flagfile=experiments/configs/bench_decode.flags \
-        --num_clips=2 --batch_sizes=1,2 --rounds=1 --output=/tmp/bench_decode_smoke.md   # smoke run
+    python -m experiments.bench.bench_decode --flagfile=experiments/configs/bench_decode.flags
+    python -m experiments.bench.bench_decode --flagfile=experiments/configs/bench_decode.flags \
+        --num_clips=2 --batch_sizes=1,2 --rounds=1 --results_md=/tmp/bench_decode_smoke.md   # smoke run
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import report
+from experiments.lib import report, runtime_flags
 
 FLAGS = flags.FLAGS
 
@@ -61,7 +61,7 @@ def select_clips(manifest: str, languages, num_clips: int, min_seconds: float, m
     """`num_clips` clips of `languages` (as equal a share each as possible) lasting [min, max] seconds, taken
     in turn from each accent (ids sorted), sentences not yet chosen first, so the choice is deterministic and
     spans the accents and the sentences."""
-    from experiments.cld_data import decode_audio
+    from encoders.input_pipeline import decode_audio
 
     rows = [json.loads(line) for line in open(manifest) if line.strip()]
     base = os.path.dirname(os.path.abspath(manifest))
@@ -416,14 +416,14 @@ SYSTEMS = ("ours", "transformers", "ct2_float32", "ct2_int8")
 
 def define_flags():
     """Defines the binary's flags (only when run as a program, so importing this module defines none)."""
-    from experiments.cld_data import DEFAULT_CORPUS
+    from experiments.lib.cld import EMBEDDED_CORPUS
 
     flags.DEFINE_string("model", "openai/whisper-base", "Whisper checkpoint (offline name for the CTranslate2 side).")
     flags.DEFINE_list("systems", list(SYSTEMS), f"Systems to compare, ours first; any of {', '.join(SYSTEMS)}.")
     flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes.")
     flags.DEFINE_integer("num_clips", 16, "Clips, shared as equally as possible among --languages.")
     flags.DEFINE_list("languages", ["en", "zh"], "Languages of the clips.")
-    flags.DEFINE_string("manifest", DEFAULT_CORPUS, "Clip manifest (the shipped espeak-ng corpus).")
+    flags.DEFINE_string("manifest", EMBEDDED_CORPUS, "Clip manifest (the shipped espeak-ng corpus).")
     flags.DEFINE_float("min_seconds", 2.0, "Shortest clip.")
     flags.DEFINE_float("max_seconds", 4.0, "Longest clip.")
     flags.DEFINE_list("exclude_accents", ["yue"], "Accents left out (yue is Cantonese, not Mandarin).")
@@ -432,10 +432,11 @@ def define_flags():
     flags.DEFINE_bool("splits", True, "Also time encoder-only and decode-only passes.")
     flags.DEFINE_integer("threads", 0, "ctranslate2 intra_threads and torch threads (0: the machine's core count).")
     flags.DEFINE_bool("quick", False, "Smoke run: 2 clips, batch sizes 1 and 2, 1 round.")
-    flags.DEFINE_string("output", "experiments/results/bench_decode.md", "Markdown table.")
+    flags.DEFINE_string("results_md", "experiments/results/bench_decode.md", "Markdown table.")
 
 
 def main(argv):
+    runtime_flags.init()
     del argv
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     import torch
@@ -476,7 +477,7 @@ def main(argv):
     print(f"benchmark time {time.perf_counter() - start:.0f} s", flush=True)
     text = build_report(clips, results, systems, threads, ours.asr.tokens.decode, load_before)
     print(text)
-    report.write_markdown(FLAGS.output, text)
+    report.write_markdown(FLAGS.results_md, text)
 
 
 if __name__ == "__main__":

@@ -7,28 +7,26 @@ A manifest is JSONL, one audio file per row: {"id", "audio_path" (relative to th
 (language / corpus), "spans": [[start_s, end_s, ipa_label], ...]}. Loading validates every span against
 the audio's duration. Features are the encoder's last hidden state (build it truncated, e.g.
 `Wav2Vec2Encoder.from_pretrained(path, num_layers=15)`) mean-pooled over each span's frames at 50 frames/s
-(at least one frame, `encoders.pooling.span_mean_pool`), cached in shards like `experiments.embeddings`.
+(at least one frame, `encoders.pooling.span_mean_pool`), cached in shards like `encoders.extraction`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 from flax import nnx
 
+from encoders import extraction, runtime
 from encoders.audio import SAMPLE_RATE
+from encoders.input_pipeline import Example
 from encoders.pooling import span_mean_pool
-from experiments import embeddings
-from experiments.cld_data import Example
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -88,7 +86,7 @@ def load_phone_manifest(path: str) -> list[Utterance]:
 
 
 def _span_forward(encoder, inputs, sample_mask, spans):
-    return span_mean_pool(encoder(inputs, attention_mask=sample_mask), spans)
+    return span_mean_pool(encoder.encode(inputs, sample_mask), spans)
 
 
 _jit_span_forward = nnx.jit(_span_forward)
@@ -100,7 +98,8 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
     """(num_spans, d) span-pooled features in manifest order, with each span's label and source.
 
     Fixed shapes (padded audio and span count), so the forward compiles once; cached and resumable
-    (`experiments.embeddings.cached_rows`); with `mesh`, batches split over its `data` axis.
+    (`encoders.extraction.cached_rows`); with `mesh`, batches split over its `batch` axis, on one or several
+    processes (as `encoders.extraction.extract`).
     """
     if not utterances:
         raise ValueError("no utterances to embed")
@@ -110,25 +109,26 @@ def extract_spans(encoder, utterances: Sequence[Utterance], *, cache_dir: str, b
     spans_by_id = {u.id: u.spans for u in utterances}
     if len(spans_by_id) != len(utterances):
         raise ValueError("utterance ids must be unique")
-    spec = embeddings.cache_spec(encoder, pooling="span_mean", pad_to=pad_to)
+    spec = extraction.cache_spec(encoder, pooling="span_mean", pad_to=pad_to)
     spec["max_spans"] = max_spans
     keys = [f"{k}|{hashlib.sha256(np.ascontiguousarray(u.spans, np.float32).tobytes()).hexdigest()}"
-            for k, u in zip(embeddings.example_keys(examples), utterances)]
-    embeddings.prepare_mesh(encoder, mesh, batch_size)
+            for k, u in zip(extraction.example_keys(examples), utterances)]
+    extraction.prepare_mesh(encoder, mesh, batch_size)
 
     def compute(shard_examples, update):
-        rows = []
-        for batch, inputs in embeddings.encoder_batches(encoder, shard_examples, batch_size, pad_to, mesh):
-            spans = np.zeros((batch_size, max_spans, 2), np.float32)
+        def forward(batch, inputs, sample_mask):
+            spans = np.zeros((len(batch["ids"]), max_spans, 2), np.float32)
             for row, uid in enumerate(batch["ids"]):
                 spans[row, :len(spans_by_id[uid])] = spans_by_id[uid]
-            with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-                pooled = np.asarray(_jit_span_forward(encoder, *inputs, jnp.asarray(spans)), np.float32)
-            rows += [pooled[row, :len(spans_by_id[uid])] for row, uid in enumerate(batch["ids"]) if batch["valid"][row]]
-            update(int(batch["valid"].sum()))
+            if mesh is not None:
+                spans = runtime.global_rows(spans, mesh, batch_size, ("batch", None, None))
+            return _jit_span_forward(encoder, inputs, sample_mask, spans)
+
+        rows = extraction.pooled_rows(forward, encoder, shard_examples, batch_size, pad_to, mesh, update,
+                                      select=lambda row, e: row[:len(spans_by_id[e.id])])
         return np.concatenate(rows)
 
-    features = embeddings.cached_rows(cache_dir, spec, examples, keys, batch_size * shard_batches, compute,
+    features = extraction.cached_rows(cache_dir, spec, examples, keys, batch_size * shard_batches, compute,
                                       desc="span features", rows_per_item=[len(u.spans) for u in utterances],
                                       progress=progress)
     labels = np.array([l for u in utterances for l in u.labels], object)

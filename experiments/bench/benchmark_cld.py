@@ -1,6 +1,6 @@
 """CLD-routed Whisper ASR against Whisper's own language detection: accuracy, WER and CER per language and accent.
 
-    python -m experiments.benchmark_cld --flagfile=experiments/configs/benchmark_cld.flags
+    python -m experiments.bench.benchmark_cld --flagfile=experiments/configs/benchmark_cld.flags
 
 Every clip is encoded once. On the same encoder states each detector picks a language: Whisper itself
 (unrestricted, over all its languages, and restricted to `--languages`), every head in `--heads`
@@ -17,13 +17,16 @@ results. The results go to `results.json` and to the markdown table `--results_m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 
+import numpy as np
 from absl import app, flags, logging
 
-from experiments import report
+from encoders import runtime
+from experiments.lib import report, runtime_flags
 
 WHISPER_DETECTORS = ("whisper_unrestricted", "whisper_restricted")
 
@@ -31,11 +34,12 @@ WHISPER_DETECTORS = ("whisper_unrestricted", "whisper_restricted")
 def select_splits(dataset_spec: str, languages: list[str], data_seed: int, splits: list[str],
                   max_examples: int | None) -> dict:
     """{split: examples}: `test` as train_cld splits it (held-out accents excluded) and/or `accent_shift`."""
-    from experiments import cld, cld_data
+    from encoders import input_pipeline
+    from experiments.lib import cld
 
     ds = cld.load_dataset(dataset_spec, languages)
-    _, _, test = cld_data.split(ds, data_seed=data_seed)
-    available = {"test": test.examples, "accent_shift": cld_data.heldout_accent_test(ds).examples}
+    _, _, test = input_pipeline.split(ds, data_seed=data_seed)
+    available = {"test": test.examples, "accent_shift": input_pipeline.heldout_accent_test(ds).examples}
     unknown = sorted(set(splits) - set(available))
     if unknown:
         raise ValueError(f"--splits: unknown {unknown}; use test and/or accent_shift")
@@ -85,9 +89,10 @@ def read_records(path: str) -> dict:
 
 def predict_batch(model, heads: dict, batch, languages: list[str]) -> list[dict]:
     """Detections of every detector and one transcript per distinct chosen language, per clip."""
-    from experiments import cld, cld_data
+    from encoders import input_pipeline
+    from experiments.lib import cld
 
-    encoded = model.encode([cld_data.read_audio(e) for e in batch])
+    encoded = model.encode([input_pipeline.read_audio(e) for e in batch])
     codes = list(model.decodable_languages)
     logprobs = model.language_logprobs(encoded, codes)
     detections = [dict(oracle=e.lang) for e in batch]
@@ -140,7 +145,7 @@ def error_rate(block: dict, language: str | None) -> str:
 
 def markdown(results: dict, config: dict) -> str:
     """The committed tables: per split, detectors x (overall, per language, per accent)."""
-    from experiments import report as rep
+    from experiments.lib import report as rep
 
     detectors = config["detectors"]
     lines = [f"# CLD-routed ASR on {config['encoder']}: detection accuracy and error rate", "",
@@ -176,8 +181,10 @@ def markdown(results: dict, config: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config: dict, output_dir: str) -> dict:
-    """Predicts every clip not yet in `output_dir/predictions.jsonl`, then scores all of them."""
+def run(config: dict, output_dir: str, mesh=None) -> dict:
+    """Predicts every clip not yet in `output_dir/predictions.jsonl`, then scores all of them. With a `mesh` over
+    several processes, all of them decode every batch together and process 0 alone reads and writes `output_dir`
+    (a process that exits on an error ends the others within the heartbeat timeout)."""
     from tqdm import tqdm
 
     from asr import ASRModel, WhisperDecodingConfig, metrics
@@ -187,45 +194,55 @@ def run(config: dict, output_dir: str) -> dict:
         batch_size=config["batch_size"],
         **({} if config["temperature_fallback"] else dict(temperatures=(0.0,), compression_ratio_threshold=None,
                                                           logprob_threshold=None)))
-    model = ASRModel.from_pretrained(config["encoder"], languages=config["languages"], config=decoding)
+    model = ASRModel.from_pretrained(config["encoder"], languages=config["languages"], config=decoding,
+                                     mesh=mesh)
     heads = load_heads([f"{k}={v}" for k, v in config["heads"].items()], model)
     config = {**config, "detectors": [*WHISPER_DETECTORS, *heads, "oracle"],
               "n_whisper_languages": len(model.decodable_languages),
               "english_normalizer": metrics.english_normalizer_name(),
               "head_checksums": {k: _dir_checksum(v) for k, v in config["heads"].items()}}
-    os.makedirs(output_dir, exist_ok=True)
+    writer = runtime.is_writer()
     config_path = os.path.join(output_dir, "config.json")
     pinned = json.loads(json.dumps({k: v for k, v in config.items() if k not in ("max_examples", "batch_size")}))
-    if os.path.exists(config_path):
+    other_config = False
+    if writer and os.path.exists(config_path):
         with open(config_path) as f:
-            if json.load(f) != pinned:
-                raise ValueError(f"{output_dir} holds predictions of another configuration ({config_path}); use "
-                                 "another --output_dir or delete it")
-    else:
+            other_config = json.load(f) != pinned
+    if runtime.broadcast_from_writer(np.array(other_config)):  # every process raises, none waits on the others
+        raise ValueError(f"{output_dir} holds predictions of another configuration ({config_path}); use "
+                         "another --output_dir or delete it")
+    if writer and not os.path.exists(config_path):
         report.atomic_write_text(config_path, json.dumps(pinned, indent=2))
     splits = select_splits(config["dataset"], config["languages"], config["data_seed"], config["splits"],
                            config["max_examples"])
     results = {"config": config, "splits": {}, "records": {}}
     for split, examples in splits.items():
         pred_path = os.path.join(output_dir, f"predictions_{split}.jsonl")
-        done = read_records(pred_path)
-        if os.path.exists(pred_path):  # rewrite without a truncated tail before appending
+        done = read_records(pred_path) if writer else {}
+        if writer and os.path.exists(pred_path):  # rewrite without a truncated tail before appending
             report.atomic_write_text(pred_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
-        todo = [e for e in examples if e.id not in done]
-        with open(pred_path, "a", encoding="utf-8") as f, tqdm(total=len(examples), initial=len(examples) - len(todo),
-                                                               desc=split) as bar:
+        todo_mask = runtime.broadcast_from_writer(np.array([e.id not in done for e in examples], bool))
+        todo = [e for e, missing in zip(examples, todo_mask) if missing]
+        with (open(pred_path, "a", encoding="utf-8") if writer else contextlib.nullcontext()) as f, \
+                tqdm(total=len(examples), initial=len(examples) - len(todo), desc=split, disable=not writer) as bar:
             for i in range(0, len(todo), config["batch_size"]):
                 batch = todo[i : i + config["batch_size"]]
                 for record in predict_batch(model, heads, batch, config["languages"]):
                     done[record["id"]] = record
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                    if writer:
+                        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if writer:
+                    f.flush()
+                    os.fsync(f.fileno())
                 bar.update(len(batch))
+        if not writer:
+            continue
         records = [done[e.id] for e in examples]
         results["records"][split] = records
         results["splits"][split] = score(records, config["detectors"])
-    report.atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=2, ensure_ascii=False))
+    if writer:
+        report.atomic_write_text(os.path.join(output_dir, "results.json"),
+                                 json.dumps(results, indent=2, ensure_ascii=False))
     return results
 
 
@@ -256,6 +273,7 @@ def define_flags():
 
 
 def main(argv):
+    mesh = runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
@@ -264,8 +282,9 @@ def main(argv):
                   data_seed=f.data_seed, batch_size=f.batch_size, max_examples=f.max_examples,
                   max_new_tokens=f.max_new_tokens, repetition_penalty=f.repetition_penalty,
                   temperature_fallback=f.temperature_fallback, heads=dict(s.partition("=")[::2] for s in f.heads))
-    results = run(config, f.output_dir)
-    report.write_markdown(f.results_md, markdown(results, results["config"]))
+    results = run(config, f.output_dir, mesh)
+    if runtime.is_writer():
+        report.write_markdown(f.results_md, markdown(results, results["config"]))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ Each (model, framework) pair runs in its own subprocess so that peak memory
 shared. Timing separates the first call (compilation / warm-up) from the mean
 of `--iters` steady-state calls. Frameworks alternate over `--repeats` (>= 3)
 rounds, and each speed-up is a same-round ratio, reported as the median over
-rounds with its spread. Writes a markdown table to `--out`.
+rounds with its spread. Writes a markdown table to `--results_md`.
 
-  python -m experiments.bench_encoders
+  python -m experiments.bench.bench_encoders
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import time
 
 from absl import app, flags
 
-from experiments import report
+from experiments.lib import report, runtime_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["whisper_small", "xlsr_300m"], "Models to benchmark.")
@@ -32,7 +32,7 @@ flags.DEFINE_float("xlsr_seconds", 10.0, "Seconds of audio per XLS-R example (Wh
 flags.DEFINE_integer("iters", 2, "Steady-state iterations timed after the first call.")
 flags.DEFINE_integer("repeats", 3, "Rounds of fresh processes, frameworks alternating; speed-ups are same-round ratios.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_string("out", "experiments/results/bench_encoders.md", "Markdown output path.")
+flags.DEFINE_string("results_md", "experiments/results/bench_encoders.md", "Markdown output path.")
 flags.DEFINE_string("worker", None, "Internal: run one 'model:framework' measurement and print JSON.")
 
 WHISPER_SMALL = dict(num_mel_bins=80, d_model=768, encoder_layers=12, encoder_attention_heads=12,
@@ -118,7 +118,7 @@ def run_worker(spec: str) -> dict:
 
 def run_subprocess(model: str, framework: str) -> dict:
     """Runs one measurement in a fresh Python process and returns its result."""
-    cmd = [sys.executable, "-m", "experiments.bench_encoders", f"--worker={model}:{framework}",
+    cmd = [sys.executable, "-m", "experiments.bench.bench_encoders", f"--worker={model}:{framework}",
            f"--batch={FLAGS.batch}", f"--xlsr_seconds={FLAGS.xlsr_seconds}", f"--iters={FLAGS.iters}",
            f"--dtype={FLAGS.dtype}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -130,6 +130,7 @@ def run_subprocess(model: str, framework: str) -> dict:
 
 def main(argv):
     """Runs the workers (or one worker with --worker) and writes the markdown table."""
+    runtime_flags.init()
     del argv
     if FLAGS.worker:
         print("RESULT " + json.dumps(run_worker(FLAGS.worker)))
@@ -180,7 +181,7 @@ def main(argv):
                          f"{report.median_range(ratios) + 'x' if ratios and framework != 'torch' else '1 (reference)' if ratios else 'n/a'} |")
     lines += ["", "Every round, in the order run:", "", "| round | model | framework | first call (s) | steady (s/batch) | "
               "peak RSS (GiB) |", "|---|---|---|---|---|---|", *log]
-    report.write_markdown(FLAGS.out, "\n".join(lines))
+    report.write_markdown(FLAGS.results_md, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -1,7 +1,7 @@
 """CLD training library: encoder loading, data, heads, evaluation and model cards (no flags).
 
 `experiments.train_cld` (one run), `experiments.sweep_cld` (low-resource sweep) and
-`experiments.bench_heads` (head comparison) are thin absl binaries over these functions.
+`experiments.bench.bench_heads` (head comparison) are thin absl binaries over these functions.
 """
 
 from __future__ import annotations
@@ -14,7 +14,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import cld_data, embeddings, report
+from encoders import extraction, input_pipeline, runtime
+from experiments.lib import report
+
+# The shipped espeak-ng corpus (`--dataset=embedded`): data beside the binaries, never inside a package.
+EMBEDDED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tts_corpus",
+                               "manifest.jsonl")
 
 
 def load_encoder(spec: str, seed: int = 0):
@@ -59,17 +64,6 @@ def load_detector(spec: str):
         return None
     decoder = WhisperDecoder.from_pretrained(model_dir)
     return decoder, WhisperTokens(generation, None, decoder.config.vocab_size)  # ids only: no text is decoded
-
-
-def validate_languages(languages) -> list[str]:
-    """Sorted, distinct ISO-639-1 codes; the label of a language is its index in this list."""
-    codes = [code.strip() for code in languages]
-    bad = [c for c in codes if len(c) != 2 or not c.isalpha() or not c.islower()]
-    if bad:
-        raise ValueError(f"--languages must be ISO-639-1 codes such as en, zh; got {bad}.")
-    if len(set(codes)) != len(codes) or len(codes) < 2:
-        raise ValueError(f"--languages needs at least two distinct codes; got {codes}.")
-    return sorted(codes)
 
 
 def score_predictions(predicted: list[str], langs: list[str], accents: list[str], labels: list[str]) -> dict:
@@ -180,28 +174,14 @@ def summary(metrics: dict) -> str:
     return "; ".join(parts)
 
 
-def make_mesh(data: int, model: int):
-    """(data, model) device mesh over the first data * model devices (data < 0: as many as fit); None when it
-    would hold a single device (or data == 0)."""
-    from encoders import sharding
-
-    data = jax.device_count() // model if data < 0 else data
-    if data == 0 or data * model <= 1:
-        return None
-    if data * model > jax.device_count():
-        raise ValueError(f"--mesh_data={data} x --mesh_model={model} needs {data * model} devices, but "
-                         f"{jax.device_count()} are available: lower them (or --mesh_data=-1 to use all)")
-    return sharding.create_mesh(data, model, devices=jax.devices()[: data * model])
-
-
 def load_dataset(spec: str, languages: list[str]):
     """The embedded corpus, a manifest file, or a Hugging Face dataset directory, filtered to `languages`."""
     if spec == "embedded":
-        return cld_data.load_manifest(cld_data.DEFAULT_CORPUS, languages=languages)
+        return input_pipeline.load_manifest(EMBEDDED_CORPUS, languages=languages)
     if os.path.isfile(spec):
-        return cld_data.load_manifest(spec, languages=languages)
+        return input_pipeline.load_manifest(spec, languages=languages)
     if os.path.isdir(spec):
-        return cld_data.load_hf_dataset(spec, languages=languages)
+        return input_pipeline.load_hf_dataset(spec, languages=languages)
     raise ValueError(f"--dataset={spec} is neither 'embedded', a manifest file nor a saved Hugging Face dataset directory.")
 
 
@@ -219,7 +199,8 @@ def fit_head(cfg: dict, X, y, Xval, yval, mesh, encoder_id: str, pooling: str, c
             admm_iters=cfg["admm_iters"], pcg_iters=cfg["pcg_iters"], gamma=cfg["gamma_ratio"], tol=cfg["tol"],
             seed=cfg["opt_seed"], mesh=mesh, validation=(Xval, yval), **common)
     if cfg["head"] == "nn":
-        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], checkpoint_dir=checkpoint_dir, **common)
+        return NNHead.fit(X, y, epochs=cfg["nn_epochs"], seed=cfg["opt_seed"], checkpoint_dir=checkpoint_dir, mesh=mesh,
+                          **common)
     return LinearHead.fit(X, y, **common)
 
 
@@ -232,18 +213,18 @@ def embed_dataset(cfg: dict, examples: list, cache_dir: str, mesh) -> tuple[dict
     pooling = cfg.get("pooling") or default_pooling
     detector = load_detector(cfg["encoder"])
     if detector is None:
-        X, _ = embeddings.extract(encoder, examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
+        X, _ = extraction.extract(encoder, examples, cache_dir=cache_dir, batch_size=cfg["batch_size"],
                                   pooling=pooling, mesh=mesh)
         return {"X": np.asarray(X, np.float32)}, pooling, encoder_id, None
     decoder, tokens = detector
     codes = sorted(tokens.lang_to_id)
-    features = embeddings.extract_whisper(
+    features = extraction.extract_whisper(
         encoder, decoder, examples, sot=tokens.sot, language_ids=[tokens.lang_to_id[c] for c in codes],
         cache_dir=cache_dir, batch_size=cfg["batch_size"], mesh=mesh)
     return {"X": features[pooling], "lang_logprobs": features["lang_logprobs"]}, pooling, encoder_id, codes
 
 
-def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
+def run(cfg: dict, output_dir: str, cache_dir: str, mesh=None) -> dict:
     """One training run: data → embeddings → head → output_dir (head/, metrics.json, README.md).
 
     With a pretrained multilingual Whisper, metrics also hold Whisper's own language detection on the same
@@ -251,15 +232,14 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
     """
     languages = cfg["languages"]
     dataset = load_dataset(cfg["dataset"], languages)
-    train, valid, test = cld_data.split(dataset, data_seed=cfg["data_seed"])
-    parts = {"train": train, "valid": valid, "test": test, "accent_shift": cld_data.heldout_accent_test(dataset)}
+    train, valid, test = input_pipeline.split(dataset, data_seed=cfg["data_seed"])
+    parts = {"train": train, "valid": valid, "test": test, "accent_shift": input_pipeline.heldout_accent_test(dataset)}
     for name in ("train", "valid", "test"):
         if not parts[name].examples:
             raise ValueError(f"the {name} split of {cfg['dataset']} is empty; the data needs clips in train, valid and test.")
     if cfg["samples_per_class"]:
-        parts["train"] = cld_data.subsample_per_class(train, samples_per_class=cfg["samples_per_class"],
+        parts["train"] = input_pipeline.subsample_per_class(train, samples_per_class=cfg["samples_per_class"],
                                                       data_seed=cfg["data_seed"], take_all=True)
-    mesh = make_mesh(cfg["mesh_data"], cfg["mesh_model"])
     used = [e for part in parts.values() for e in part.examples]  # the cache is per clip: other runs reuse rows
     features, pooling, encoder_id, codes = embed_dataset(cfg, used, cache_dir, mesh)
     row_of = {e.id: i for i, e in enumerate(used)}
@@ -287,7 +267,8 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
         "train_wall_seconds": wall, "train_compile_seconds": float(info.get("compile_seconds", 0.0)),
         "train_run_seconds": float(info.get("run_seconds", wall)), "train_flops": float(info.get("flops", float("nan"))),
         "train_flop_count_seconds": float(info.get("flop_count_seconds", 0.0)),  # XLA's FLOP count, timed apart
-        "devices": jax.device_count(), "backend": jax.default_backend(),
+        "devices": jax.device_count(), "processes": jax.process_count(), "backend": jax.default_backend(),
+        "mesh": None if mesh is None else {name: int(size) for name, size in mesh.shape.items()},
     }
     if "accent_shift" in embedded:
         metrics["accent_shift"] = evaluate(head, embedded["accent_shift"]["X"], *truth["accent_shift"])
@@ -297,6 +278,8 @@ def run(cfg: dict, output_dir: str, cache_dir: str) -> dict:
                                            *truth[name], languages)
                    for mode, restrict in (("unrestricted", None), ("restricted", languages))}
             for name in ("test", "accent_shift") if name in embedded}
+    if not runtime.is_writer():
+        return metrics
     os.makedirs(output_dir, exist_ok=True)
     head.save(os.path.join(output_dir, "head"), metrics={k: metrics[k] for k in ("test", "validation_peak")})
     report.atomic_write_text(os.path.join(output_dir, "metrics.json"), json.dumps(metrics, indent=2))

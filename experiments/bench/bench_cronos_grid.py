@@ -1,8 +1,8 @@
 """Regime grid: cronos's default exact path against pyscnn's augmented Lagrangian, one table from one run.
 
     pip install --no-deps pyscnn linalg_backends
-    python -m experiments.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid.flags
-    python -m experiments.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid_quick.flags  # smoke run
+    python -m experiments.bench.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid.flags
+    python -m experiments.bench.bench_cronos_grid --flagfile=experiments/configs/bench_cronos_grid_quick.flags  # smoke run
 
 Cells (`--cells`) are `n:d:C:separation:dtype` synthetic problems (`bench_cronos.make_data`: power-law
 spectrum, class means `separation` apart along 8 directions) or `real:n`: n clips of real whisper-base
@@ -40,8 +40,9 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import report
-from experiments.cronos_problems import make_data, pyscnn_to_cronos_layout, run_pyscnn
+from encoders import runtime
+from experiments.bench.problems import make_data, pyscnn_to_cronos_layout, run_pyscnn
+from experiments.lib import report, runtime_flags
 
 _CELLS = flags.DEFINE_list("cells", ["200:768:2:0.1:float32", "2000:768:2:0.1:float32", "real:480"],
                            "Cells: n:d:C:separation:dtype (synthetic) or real:n (whisper-base embeddings).")
@@ -53,7 +54,7 @@ _PYSCNN_MAX_SECONDS = flags.DEFINE_float("pyscnn_max_seconds", 60.0, "Wall-clock
 _CRONOS_MAX_ITERS = flags.DEFINE_integer("cronos_max_iters", 1000, "ADMM iteration cap of cronos's trace run.")
 _LARGE_N_ITERS = flags.DEFINE_integer("large_n_iters", 200, "Iteration cap of the trace run for n > 5000.")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", "outputs/embedding_cache", "Embedding cache of the real cells.")
-_OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_cronos_grid.md", "Markdown table to write.")
+_OUTPUT = flags.DEFINE_string("results_md", "experiments/results/bench_cronos_grid.md", "Markdown table to write.")
 _PLOT = flags.DEFINE_string("plot", "experiments/results/bench_cronos_grid.png", "PNG of time to objective vs n/d.")
 _WORKER = flags.DEFINE_enum("worker", None, ["pyscnn", "cronos"], "Internal: run one solver.")
 _DATA = flags.DEFINE_string("data", None, "Internal: npz with the problem.")
@@ -84,7 +85,7 @@ def _worker_cronos(data, out, iters):
 
 
 def _spawn(worker: str, data_path: str, result_path: str, *extra: str) -> None:
-    command = [sys.executable, "-m", "experiments.bench_cronos_grid", f"--worker={worker}", f"--data={data_path}",
+    command = [sys.executable, "-m", "experiments.bench.bench_cronos_grid", f"--worker={worker}", f"--data={data_path}",
                f"--result={result_path}", f"--pyscnn_tol={_PYSCNN_TOL.value!r}",
                f"--pyscnn_max_seconds={_PYSCNN_MAX_SECONDS.value!r}", *extra]
     out = subprocess.run(command, capture_output=True, text=True)
@@ -108,7 +109,7 @@ def _parse_cell(spec: str) -> dict:
 
 def _real_embeddings(n: int) -> tuple[np.ndarray, np.ndarray]:
     """n clips (a fixed random subset) of whisper-base mean-pooled embeddings of the embedded corpus."""
-    from experiments import cld
+    from experiments.lib import cld
     dataset = cld.load_dataset("embedded", REAL_LANGUAGES)
     if n > len(dataset):
         raise app.UsageError(f"real:{n} asks for more clips than the embedded corpus has ({len(dataset)}).")
@@ -129,6 +130,7 @@ def _cell_data(cell: dict):
 
 def _run_cell(tmp: str, index: int, cell: dict) -> dict:
     import jax
+
     import cronos
     X, y = _cell_data(cell)
     n, d = X.shape
@@ -235,6 +237,7 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv):
+    runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKER.value:
@@ -271,7 +274,8 @@ def main(argv):
         *_table(rows),
     ]
     report.write_markdown(_OUTPUT.value, "\n".join(lines))
-    _plot(rows, _PLOT.value)
+    if runtime.is_writer():
+        _plot(rows, _PLOT.value)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """CLD input data: manifests and saved Hugging Face datasets -> examples -> splits -> 16 kHz audio batches.
 
-    ds = load_manifest(DEFAULT_CORPUS, languages=["en", "zh"], on_unknown_language="drop")
+    ds = load_manifest("corpus/manifest.jsonl", languages=["en", "zh"], on_unknown_language="drop")
     train, valid, test = split(ds, data_seed=0)
     train = subsample_per_class(train, samples_per_class=100, data_seed=0)
     for batch in audio_pipeline(train.examples, batch_size=8): ...   # {"audio", "lengths", "ids", "valid"}
@@ -29,8 +29,8 @@ import soundfile as sf
 from absl import logging
 
 from encoders.audio import prepare_audio, validate_audio
+from encoders.languages import check_language_codes
 
-DEFAULT_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tts_corpus", "manifest.jsonl")
 SPLITS = ("train", "valid", "test")
 _AUDIO_COLUMNS = ("audio", "audio_path", "path")
 
@@ -116,7 +116,7 @@ def _build_dataset(examples: Iterable[Example], languages: Sequence[str] | None,
     """Language filter, audio check (decode once, record length), duplicate-id and absent-language errors."""
     if on_unknown_language not in ("drop", "error"):
         raise ValueError(f"on_unknown_language must be 'drop' or 'error', got {on_unknown_language!r}")
-    wanted = None if languages is None else set(languages)
+    wanted = None if languages is None else set(check_language_codes(languages))
     stats, kept, seen = Stats(), [], set()
     for ex in examples:
         if wanted is not None and ex.lang not in wanted:
@@ -161,7 +161,7 @@ def _as_bool(value) -> bool:
     return value is True or str(value).strip().lower() in ("1", "true", "yes")
 
 
-def load_manifest(path: str = DEFAULT_CORPUS, languages: Sequence[str] | None = None,
+def load_manifest(path: str, languages: Sequence[str] | None = None,
                   on_unknown_language: str = "error") -> Dataset:
     """Loads a JSONL or CSV manifest of audio files (paths relative to the manifest).
 
@@ -278,37 +278,62 @@ def subsample_per_class(ds: Dataset, samples_per_class: int, data_seed: int = 0,
     return ds.subset(kept)
 
 
-def _collate(items: Sequence[tuple[str, np.ndarray]], pad_to: int | None, batch_size: int | None) -> dict:
-    """Zero-pads clips to `pad_to` (default: the longest); with `batch_size`, repeats the last row to fill it."""
-    ids = [i for i, _ in items]
-    clips = [a for _, a in items]
+def _collate(items: Sequence[tuple[int, str, np.ndarray, bool]], pad_to: int | None) -> dict:
+    """Zero-pads clips to `pad_to` (default: the longest) into one batch dict."""
+    clips = [a for _, _, a, _ in items]
     length = pad_to or max(len(a) for a in clips)
-    long = [i for i, a in items if len(a) > length]
+    long = [i for _, i, a, _ in items if len(a) > length]
     if long:
         raise ValueError(f"clips {long[:5]} are longer than pad_to={length} samples")
-    valid = np.ones(len(items), bool)
-    if batch_size is not None and len(items) < batch_size:
-        fill = batch_size - len(items)
-        ids, clips = ids + [ids[-1]] * fill, clips + [clips[-1]] * fill
-        valid = np.concatenate([valid, np.zeros(fill, bool)])
     audio = np.zeros((len(clips), length), np.float32)
     for row, clip in zip(audio, clips):
         row[: len(clip)] = clip
-    return {"audio": audio, "lengths": np.array([len(a) for a in clips], np.int32), "ids": np.array(ids, object),
-            "valid": valid}
+    return {"audio": audio, "lengths": np.array([len(a) for a in clips], np.int32),
+            "ids": np.array([i for _, i, _, _ in items], object), "valid": np.array([v for *_, v in items], bool),
+            "index": np.array([k for k, *_ in items], np.int64)}
+
+
+def process_records(n: int, batch_size: int, num_processes: int, process_index: int) -> list[tuple[int, bool]]:
+    """(example position, valid) records process `process_index` reads when n examples are cut into global batches
+    of `batch_size` rows, the last filled with repeats of the last example (valid=False): its contiguous
+    batch_size / num_processes rows of every global batch, in order."""
+    if batch_size % num_processes:
+        raise ValueError(f"batch size {batch_size} does not split over {num_processes} processes; use a multiple")
+    local = batch_size // num_processes
+    padded = -(-n // batch_size) * batch_size
+    rows = [(min(k, n - 1), k < n) for k in range(padded)]
+    return [r for start in range(0, padded, batch_size)
+            for r in rows[start + process_index * local: start + (process_index + 1) * local]]
 
 
 def audio_pipeline(examples: Sequence[Example], batch_size: int, *, pad_to: int | None = None,
                    shuffle_seed: int | None = None, fill_last_batch: bool = False, num_threads: int = 2):
-    """grain iterator of 16 kHz batches {"audio" (B, T) float32, "lengths", "ids", "valid"} in example order.
+    """grain iterator of 16 kHz batches {"audio" (B, T) float32, "lengths", "ids", "valid", "index"} in example
+    order ("index": each row's position in `examples`).
 
-    Clips are zero-padded to `pad_to` samples (default: the longest in the batch). `shuffle_seed`
-    shuffles the examples (grain, deterministic); `fill_last_batch` repeats the last clip so every batch
-    has `batch_size` rows, marking the repeats `valid=False`.
+    Clips are zero-padded to `pad_to` samples (default: the longest in the batch). `shuffle_seed` shuffles the
+    examples (grain, deterministic, the same order on every process). `fill_last_batch` repeats the last clip so
+    every batch has `batch_size` rows, marking the repeats `valid=False`. With several JAX processes,
+    `batch_size` is the global batch: each process reads and decodes only its own batch_size / process_count rows
+    of every batch (grain `ShardByJaxProcess` over records laid out process-major), so every process yields the
+    same number of equal batches; this needs `fill_last_batch`.
     """
-    dataset = grain.MapDataset.source(list(examples))
+    shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    if shard.shard_count > 1 and (not fill_last_batch or pad_to is None):
+        raise ValueError("several JAX processes need equal batches of one shape: pass fill_last_batch=True and "
+                         "pad_to")
+    order = list(range(len(examples)))
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(seed=shuffle_seed)
-    collate = functools.partial(_collate, pad_to=pad_to, batch_size=batch_size if fill_last_batch else None)
-    dataset = dataset.map(lambda ex: (ex.id, read_audio(ex))).batch(batch_size, batch_fn=collate)
+        order = list(grain.MapDataset.source(order).shuffle(seed=shuffle_seed))
+    if fill_last_batch:
+        local = batch_size // shard.shard_count
+        records = [(order[k], valid) for p in range(shard.shard_count)
+                   for k, valid in process_records(len(order), batch_size, shard.shard_count, p)]
+        per_process = len(records) // shard.shard_count
+        dataset = grain.MapDataset.source(records)[shard.shard_index * per_process:(shard.shard_index + 1) * per_process]
+    else:
+        local = batch_size
+        dataset = grain.MapDataset.source([(k, True) for k in order])
+    read = lambda record: (record[0], examples[record[0]].id, read_audio(examples[record[0]]), record[1])  # noqa: E731
+    dataset = dataset.map(read).batch(local, batch_fn=functools.partial(_collate, pad_to=pad_to))
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2)))

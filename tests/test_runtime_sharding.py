@@ -3,17 +3,16 @@
 Runs in a subprocess so that XLA_FLAGS only affects this check.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
+
+import multihost
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from flax import nnx
-    from encoders import sharding, wav2vec2, whisper
+    from encoders import runtime, wav2vec2, whisper
     assert len(jax.devices()) == 8
-    mesh = sharding.create_mesh(data=4, model=2)
+    mesh = runtime.create_mesh(data=4, model=2)
     models = {
         "whisper": (whisper.WhisperEncoder(whisper.WhisperConfig(d_model=32, encoder_layers=2,
                      encoder_attention_heads=4, encoder_ffn_dim=64), rngs=nnx.Rngs(0)),
@@ -28,7 +27,7 @@ SCRIPT = textwrap.dedent("""
     }
     for name, (model, x, mask) in models.items():
         expected = [np.asarray(s) for s in model(x, attention_mask=mask, output_hidden_states=True)]
-        sharding.shard_model(model, mesh)
+        runtime.shard_model(model, mesh)
         q = model.encoder.layers[0].attention.q_proj.kernel.get_value() if name == "xlsr" else \\
             model.layers[0].self_attn.q_proj.kernel.get_value()
         assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model"), q.sharding
@@ -47,48 +46,39 @@ MESH_CHECKS = textwrap.dedent("""
     import jax, numpy as np, pytest
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from encoders import layers, sharding
+    from encoders import layers, runtime
     devices = jax.devices()
     assert len(devices) == 8
     for data, model in ((4, 2), (8, 1), (1, 8), (None, 2), (None, 1)):
-        mesh = sharding.create_mesh(data, model)
+        mesh = runtime.create_mesh(data, model)
         assert mesh.axis_names == ("data", "model")
         assert mesh.devices.shape == (8 // model, model) and list(mesh.devices.flat) == devices
     for data, model in ((3, 2), (2, 1), (None, 3), (16, 1), (2, 8)):
         with pytest.raises(ValueError, match=f"uses {(data or 8 // model) * model} devices, but 8 were given"):
-            sharding.create_mesh(data, model)
+            runtime.create_mesh(data, model)
     with pytest.raises(ValueError, match="positive"):
-        sharding.create_mesh(model=0)
-    subset = sharding.create_mesh(2, 2, devices=devices[4:])
+        runtime.create_mesh(model=0)
+    subset = runtime.create_mesh(2, 2, devices=devices[4:])
     assert list(subset.devices.flat) == devices[4:] and subset.devices.shape == (2, 2)
 
     data_only = jax.sharding.Mesh(np.asarray(devices), ("data",))
     x = np.arange(8 * 4 * 6, dtype=np.float32).reshape(8, 4, 6)
     with jax.set_mesh(data_only):
         with pytest.raises(ValueError, match="'heads' -> 'model'.*map those logical axes to None"):
-            jax.jit(lambda y: sharding.constrain(y, ("batch", "length", "heads")))(x)
-        rules = dict(sharding.LOGICAL_AXIS_RULES) | {"heads": None}
-        y = jax.jit(lambda y: sharding.constrain(y, ("batch", "length", "heads"), tuple(rules.items())))(x)
+            jax.jit(lambda y: runtime.constrain(y, ("batch", "length", "heads")))(x)
+        rules = dict(runtime.LOGICAL_AXIS_RULES) | {"heads": None}
+        y = jax.jit(lambda y: runtime.constrain(y, ("batch", "length", "heads"), tuple(rules.items())))(x)
     assert y.sharding.is_equivalent_to(NamedSharding(data_only, P("data", None, None)), 3), y.sharding
     np.testing.assert_array_equal(np.asarray(y), x)
     with pytest.raises(ValueError, match="'mlp' -> 'model'"):
-        sharding.shard_model(layers.Dense(6, 12, ("embed", "mlp"), rngs=nnx.Rngs(0)), data_only)
+        runtime.shard_model(layers.Dense(6, 12, ("embed", "mlp"), rngs=nnx.Rngs(0)), data_only)
     print("OK")
 """)
 
 
-def run_on_8_devices(script: str) -> None:
-    """Runs `script` in a subprocess with 8 fake CPU devices; it must exit 0 and print OK."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(proc.stdout)
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
-
-
 def test_sharded_equals_unsharded():
-    run_on_8_devices(SCRIPT)
+    multihost.run_on_fake_devices(SCRIPT)
 
 
 def test_mesh_uses_every_device_and_constrain_refuses_missing_axes():
-    run_on_8_devices(MESH_CHECKS)
+    multihost.run_on_fake_devices(MESH_CHECKS)

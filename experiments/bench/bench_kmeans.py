@@ -1,6 +1,6 @@
 """K-means throughput (JAX vs scikit-learn) and SupCon training speed; writes a markdown table.
 
-    python -m experiments.bench_kmeans --flagfile=experiments/configs/bench_kmeans.flags
+    python -m experiments.bench.bench_kmeans --flagfile=experiments/configs/bench_kmeans.flags
 
 Same data (Gaussian blobs), same k, n_init and max_iter for both. JAX's first call compiles and is
 reported on its own; then `--rounds` (>= 3) rounds, each running both implementations with that round's
@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from sklearn.cluster import KMeans
 
-from experiments import report
+from experiments.lib import report, runtime_flags
 from heads import clustering, supcon
 
 _N = flags.DEFINE_integer("n", 100_000, "Rows.")
@@ -40,6 +40,7 @@ def _timed(fn):
 
 
 def main(argv):
+    runtime_flags.init()
     del argv
     report.run_facts()  # the machine line of the stamp, GEMM rate measured before the work starts
     if _ROUNDS.value < 3:

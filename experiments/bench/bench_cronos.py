@@ -1,7 +1,7 @@
 """Benchmark cronos against jaxcld 0.2.4 and an optax-Adam-trained ReLU MLP; writes a markdown report.
 
     pip install --no-deps jaxcld==0.2.4             # the published reference solver (pure JAX)
-    python -m experiments.bench_cronos --flagfile=experiments/configs/bench_cronos.flags          # jaxcld, adam
+    python -m experiments.bench.bench_cronos --flagfile=experiments/configs/bench_cronos.flags          # jaxcld, adam
 
 The comparison with pyscnn is `experiments/bench_cronos_grid.py` (a regime grid). Sections (`--sections`,
 any of jaxcld, adam):
@@ -34,8 +34,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from experiments import report
-from experiments.cronos_problems import make_data
+from experiments.bench.problems import make_data
+from experiments.lib import report, runtime_flags
 
 SECTIONS = ("jaxcld", "adam")
 _SECTIONS = flags.DEFINE_list("sections", list(SECTIONS),
@@ -48,7 +48,7 @@ _JAXCLD = flags.DEFINE_bool("jaxcld", True, "Run the jaxcld 0.2.4 reference (pip
 _ADAM_SIZES = flags.DEFINE_list("adam_sizes", ["2000", "20000"], "Sizes for the Adam comparison.")
 _ADAM_SECONDS = flags.DEFINE_float("adam_max_seconds", 600.0, "Cap on the Adam baseline's training time.")
 _VAL = flags.DEFINE_integer("val_size", 2000, "Validation samples.")
-_OUTPUT = flags.DEFINE_string("output", "experiments/results/bench_cronos.md", "Markdown table to write.")
+_OUTPUT = flags.DEFINE_string("results_md", "experiments/results/bench_cronos.md", "Markdown table to write.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of the jaxcld comparison; the solvers' order alternates per round.")
 _WORKER = flags.DEFINE_enum("worker", None, ["cronos", "jaxcld_mode", "jaxcld", "adam", "gemm"],
                             "Internal: run one solver.")
@@ -66,6 +66,7 @@ def _worker_cronos(data, out, jaxcld_mode: bool):
     """cronos at the published settings: fixed mode (`ADMMConfig`, with its counted FLOPs) or the
     jaxcld-compatible mode (`JaxcldConfig`, with jaxcld's seed)."""
     import jax
+
     import cronos
     start = time.perf_counter()
     problem = cronos.ConvexReLU(data["X"], data["y"], patterns=data["D"], beta=float(data["beta"]))
@@ -171,7 +172,7 @@ def _timed(fn) -> float:
 
 
 def _spawn(worker: str, data_path: str | None, result_path: str, *extra: str) -> None:
-    command = [sys.executable, "-m", "experiments.bench_cronos", f"--worker={worker}", f"--result={result_path}"]
+    command = [sys.executable, "-m", "experiments.bench.bench_cronos", f"--worker={worker}", f"--result={result_path}"]
     if data_path:
         command.append(f"--data={data_path}")
     out = subprocess.run(command + list(extra), capture_output=True, text=True)
@@ -180,6 +181,7 @@ def _spawn(worker: str, data_path: str | None, result_path: str, *extra: str) ->
 
 
 def main(argv):
+    runtime_flags.init()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKER.value:
@@ -211,6 +213,7 @@ def main(argv):
 def _run_fixed(tmp, sections):
     """The published fixed-settings runs: cronos (and jaxcld) per size, the GEMM reference, Adam."""
     import jax
+
     import cronos
 
     sizes = [int(s) for s in _SIZES.value]

@@ -1,5 +1,4 @@
-"""Shared pieces of the binaries: the machine description, the run stamp, writing the file, and the
-`--compilation_cache_dir` flag of the binaries that fit heads or run cronos."""
+"""Shared pieces of the benchmark binaries: the machine description, the run stamp and writing the table."""
 
 from __future__ import annotations
 
@@ -15,32 +14,8 @@ import subprocess
 import sys
 import time
 
-from absl import flags
-
-from heads.io import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one atomic writer, used as report.*)
-
-COMPILATION_CACHE_FLAG = "compilation_cache_dir"
-
-
-def define_compilation_cache_flag() -> None:
-    """Defines `--compilation_cache_dir` (once per process, however many binaries' modules call it)."""
-    if COMPILATION_CACHE_FLAG not in flags.FLAGS:
-        flags.DEFINE_string(
-            COMPILATION_CACHE_FLAG, None,
-            "JAX's persistent compilation cache (compiled solves and models reused by later runs). Unset: "
-            "$CRONOS_COMPILATION_CACHE, else ~/.cache/cronos/jax (or the directory JAX is already configured "
-            "with); an empty string disables it (JAX's config is left alone).")
-
-
-def enable_compilation_cache() -> str | None:
-    """Enables the cache named by `--compilation_cache_dir` (see `cronos.enable_compilation_cache`); returns its
-    directory, or None when the flag is the empty string. Binaries call it first thing in main."""
-    value = flags.FLAGS[COMPILATION_CACHE_FLAG].value
-    if value == "":
-        return None
-    from cronos import enable_compilation_cache as enable  # noqa: PLC0415
-
-    return enable(value or None)
+from encoders import runtime
+from encoders.runtime import atomic_write_bytes, atomic_write_text  # noqa: F401  (the one atomic writer, used as report.*)
 
 
 def machine(*extra: str) -> str:
@@ -133,6 +108,8 @@ def stamp() -> str:
 
 
 def write_markdown(path: str, text: str) -> None:
-    """Writes `text` plus the run `stamp()` to `path` atomically and says so."""
+    """Writes `text` plus the run `stamp()` to `path` atomically and says so (on process 0 only)."""
+    if not runtime.is_writer():
+        return
     atomic_write_text(path, (text if text.endswith("\n") else text + "\n") + "\n" + stamp() + "\n")
     print(f"wrote {path}")

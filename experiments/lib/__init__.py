@@ -1,0 +1,1 @@
+"""Library code shared by the experiment binaries: the CLD training pipeline, flags, benchmark reports."""
