@@ -24,10 +24,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import grain
+import jax
 import numpy as np
 import soundfile as sf
 from absl import logging
 
+from encoders import runtime
 from encoders.audio import prepare_audio, validate_audio
 from encoders.languages import check_language_codes
 
@@ -111,13 +113,29 @@ def read_audio(example: Example) -> np.ndarray:
     return decode_audio(example.audio_path if example.audio is None else io.BytesIO(example.audio))
 
 
+def _probe_lengths(examples: Sequence[Example]) -> np.ndarray:
+    """Decoded length of every example (-1: corrupt). With several JAX processes each decodes every
+    process_count-th clip and the lengths are gathered, so no host reads the whole corpus."""
+    count, index = jax.process_count(), jax.process_index()
+    lengths = np.zeros(len(examples), np.int64)
+    for k in range(index, len(examples), count):
+        try:
+            lengths[k] = len(read_audio(examples[k]))
+        except CorruptAudioError:
+            lengths[k] = -1
+    if count > 1:  # every entry was set by exactly one process (the others left 0)
+        lengths = runtime.gather_rows(lengths[None]).sum(axis=0)
+    return lengths
+
+
 def _build_dataset(examples: Iterable[Example], languages: Sequence[str] | None, on_unknown_language: str,
                    source: str) -> Dataset:
-    """Language filter, audio check (decode once, record length), duplicate-id and absent-language errors."""
+    """Language filter, duplicate-id check, audio check (each clip decoded once, its length recorded; split over
+    processes), absent-language errors."""
     if on_unknown_language not in ("drop", "error"):
         raise ValueError(f"on_unknown_language must be 'drop' or 'error', got {on_unknown_language!r}")
     wanted = None if languages is None else set(check_language_codes(languages))
-    stats, kept, seen = Stats(), [], set()
+    stats, candidates, seen = Stats(), [], set()
     for ex in examples:
         if wanted is not None and ex.lang not in wanted:
             if on_unknown_language == "error":
@@ -128,13 +146,17 @@ def _build_dataset(examples: Iterable[Example], languages: Sequence[str] | None,
         if ex.id in seen:
             raise ValueError(f"{source}: duplicate example id {ex.id!r}")
         seen.add(ex.id)
-        try:
-            num_samples = len(read_audio(ex))
-        except CorruptAudioError as err:
-            stats.skipped_corrupt.append((ex.audio_path or ex.id, str(err)))
-            logging.warning("skipping unreadable audio %s: %s", ex.audio_path or ex.id, err)
-            continue
-        kept.append(dataclasses.replace(ex, num_samples=num_samples))
+        candidates.append(ex)
+    kept = []
+    for ex, num_samples in zip(candidates, _probe_lengths(candidates)):
+        if num_samples < 0:
+            try:  # the rare corrupt clip is read again here, for the same message on every process
+                num_samples = len(read_audio(ex))
+            except CorruptAudioError as err:
+                stats.skipped_corrupt.append((ex.audio_path or ex.id, str(err)))
+                logging.warning("skipping unreadable audio %s: %s", ex.audio_path or ex.id, err)
+                continue
+        kept.append(dataclasses.replace(ex, num_samples=int(num_samples)))
     stats.loaded = len(kept)
     stats.per_language = dict(sorted(Counter(e.lang for e in kept).items()))
     if languages is not None:

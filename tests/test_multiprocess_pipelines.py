@@ -35,6 +35,8 @@ def job(tmp_path_factory):
                 taken[group] = taken.get(group, 0) + 1
                 rows.append(dict(row, audio=os.path.join(corpus, row["audio"])))
     assert len(rows) == 2 * 4 * GROUPS_PER_LANGUAGE, taken
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x00not audio at all")  # skipped alike by every process
+    rows.append(dict(rows[0], audio=str(root / "broken.wav"), id="broken"))
     manifest = root / "mini.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tiny_whisper(str(root / "tiny_whisper"))
@@ -80,6 +82,7 @@ def test_train_cld_on_two_processes_equals_one_process_and_only_process_0_writes
     m2 = json.loads((two / "out_0/metrics.json").read_text())
     assert (m1["devices"], m1["processes"], m2["devices"], m2["processes"]) == (4, 1, 4, 2)
     assert m2["mesh"] == {"data": 4, "model": 1}
+    assert m1["skipped_corrupt"] == m2["skipped_corrupt"] == 1  # each process probed its share of the clips
     for split in ("test", "valid", "accent_shift"):
         assert m2[split]["accuracy"] == m1[split]["accuracy"], split
         assert m2[split]["confusion_matrix"] == m1[split]["confusion_matrix"], split
