@@ -201,3 +201,38 @@ def test_merged_directory_loads_in_transformers_with_our_logits(tmp_path):
     states = WhisperEncoder.from_pretrained(str(out))(mel)
     got = np.asarray(WhisperDecoder.from_pretrained(str(out))(tokens, states))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_whisper_binary(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from asr_testutil import tiny_whisper_asr
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base_dir = tmp_path / "base"
+    tiny_whisper_asr(str(base_dir))
+    base = merging.load_state(str(base_dir))
+    dirs = []
+    for i in range(2):
+        ft = {k: v + 0.05 * np.random.default_rng(i).standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+        dirs.append(merging.save_hf(ft, str(base_dir), str(tmp_path / f"ft{i}")))
+    for method, extra in (("task_arithmetic", ["--lam=0.5"]), ("hsa", ["--head_fraction=0.5"])):
+        out = tmp_path / method
+        proc = subprocess.run([sys.executable, "-m", "experiments.merge_whisper", f"--base={base_dir}",
+                               f"--finetuned={','.join(dirs)}", f"--method={method}", f"--output_dir={out}", *extra],
+                              cwd=repo, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        model = transformers.WhisperForConditionalGeneration.from_pretrained(str(out))
+        assert json.loads((out / "merge.json").read_text())["method"] == method
+        if method == "task_arithmetic":
+            fts = [merging.load_state(d) for d in dirs]
+            for k, v in model.state_dict().items():
+                if k in base:
+                    want = base[k] + 0.5 * ((fts[0][k] - base[k]) + (fts[1][k] - base[k]))
+                    np.testing.assert_allclose(v.numpy(), want, rtol=1e-6, atol=1e-6, err_msg=k)
+        else:
+            assert (out / "head_saliency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

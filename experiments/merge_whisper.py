@@ -1,0 +1,89 @@
+"""Merges Whisper fine-tunes of one base into a Hugging Face directory (`asr.merging`).
+
+    python -m experiments.merge_whisper --base=DIR --finetuned=DIR1,DIR2 --method=hsa --head_fraction=0.6 \
+        --output_dir=DIR
+
+The output directory holds the base's config, tokenizer and preprocessor files, the merged `model.safetensors`
+(transformers' `WhisperForConditionalGeneration` and `WhisperProcessor` load it), `merge.json` (method, settings,
+inputs, merge wall time) and, for `hsa`, `head_saliency.png`: each model's per-head saliency, one row per
+attention module, the picture of where an adaptation lives.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from asr import merging  # noqa: E402
+from encoders import loading, runtime  # noqa: E402
+from experiments.lib import runtime_flags  # noqa: E402
+
+_BASE = flags.DEFINE_string("base", None, "Base model directory (or offline name).", required=True)
+_FINETUNED = flags.DEFINE_list("finetuned", None, "Fine-tuned model directories.", required=True)
+_METHOD = flags.DEFINE_enum("method", "hsa", list(merging.METHODS), "Merge method.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Output directory of the merged model.", required=True)
+_LAM = flags.DEFINE_float("lam", 1.0, "Task-vector scale lambda.")
+_WEIGHTS = flags.DEFINE_list("weights", None, "linear: one weight per fine-tuned model (default equal).")
+_DENSITY = flags.DEFINE_float("density", 0.2, "ties / dare: fraction of task-vector entries kept.")
+_TRIM = flags.DEFINE_enum("trim", "global", ["global", "tensor"], "ties: trim over the model or per tensor.")
+_SEED = flags.DEFINE_integer("seed", 0, "dare: seed of the drop masks.")
+_HEAD_FRACTION = flags.DEFINE_float("head_fraction", 0.6, "hsa: fraction of heads each model keeps.")
+_SELECT = flags.DEFINE_enum("select", "global", ["global", "layer"], "hsa: rank heads over all modules or per module.")
+_NON_ATTENTION = flags.DEFINE_enum("non_attention", "base", list(merging.NON_ATTENTION), "hsa: the other parameters.")
+
+
+def plot_saliency(scores: dict[str, np.ndarray], names: list[str]) -> bytes:
+    """PNG heat map: per model, attention modules (rows) x heads (columns) of task-vector L2 norms."""
+    prefixes = list(scores)
+    fig, axes = plt.subplots(1, len(names), figsize=(3 + 2.5 * len(names), 0.3 * len(prefixes) + 1.5), squeeze=False)
+    top = max(float(s.max()) for s in scores.values()) or 1.0
+    for m, (ax, name) in enumerate(zip(axes[0], names)):
+        image = ax.imshow(np.stack([scores[p][m] for p in prefixes]), aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_title(os.path.basename(name.rstrip("/")), fontsize=8)
+        ax.set_xlabel("head")
+        ax.set_yticks(range(len(prefixes)), [p.removeprefix("model.") for p in prefixes] if m == 0 else [""] * len(prefixes),
+                      fontsize=6)
+    fig.colorbar(image, ax=axes[0].tolist(), label="||task vector|| over the head's slices")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main(argv):
+    runtime_flags.init()
+    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+        return
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    base_dir = loading.resolve_model_dir(_BASE.value)
+    base = merging.load_state(base_dir)
+    finetuned = [merging.load_state(d) for d in _FINETUNED.value]
+    config = loading.load_config(base_dir)
+    settings = dict(lam=_LAM.value, weights=None if _WEIGHTS.value is None else [float(w) for w in _WEIGHTS.value],
+                    density=_DENSITY.value, trim=_TRIM.value, seed=_SEED.value, head_fraction=_HEAD_FRACTION.value,
+                    select=_SELECT.value, non_attention=_NON_ATTENTION.value)
+    start = time.perf_counter()
+    merged = merging.merge(base, finetuned, _METHOD.value, config=config, **settings)
+    seconds = time.perf_counter() - start
+    merging.save_hf(merged, base_dir, _OUTPUT.value)
+    if _METHOD.value == "hsa":
+        scores = merging.head_saliency(base, finetuned, config)
+        runtime.atomic_write_bytes(os.path.join(_OUTPUT.value, "head_saliency.png"), plot_saliency(scores, _FINETUNED.value))
+    record = {"method": _METHOD.value, "settings": settings, "base": _BASE.value, "finetuned": _FINETUNED.value,
+              "merge_seconds": seconds}
+    runtime.atomic_write_text(os.path.join(_OUTPUT.value, "merge.json"), json.dumps(record, indent=2))
+    print(f"merged {len(finetuned)} model(s) by {_METHOD.value} in {seconds:.2f} s -> {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
