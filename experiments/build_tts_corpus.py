@@ -24,7 +24,6 @@ import numpy as np
 import soundfile as sf
 from absl import app, flags, logging
 
-from encoders import runtime
 from encoders.audio import SAMPLE_RATE
 from experiments.lib import runtime_flags
 from experiments.lib.tts import synthesize, trim_silence
@@ -78,11 +77,8 @@ def sentence_splits(n: int, rng: np.random.Generator) -> list[str]:
 
 
 def main(argv):
-    runtime_flags.init()
-    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+    if not runtime_flags.init_host_tool(argv):
         return
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if shutil.which("espeak-ng") is None:
         raise app.UsageError("espeak-ng is not installed (apt-get install espeak-ng); it is only needed to rebuild")
     out = _OUTPUT.value

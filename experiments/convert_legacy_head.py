@@ -14,7 +14,6 @@ import json
 
 from absl import app, flags
 
-from encoders import runtime
 from experiments.lib import runtime_flags
 from heads.legacy import convert
 
@@ -27,11 +26,8 @@ _POOLING = flags.DEFINE_string("pooling", "mean", "Pooling convention recorded i
 
 def main(argv):
     """Converts and prints the written metadata."""
-    runtime_flags.init()
-    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+    if not runtime_flags.init_host_tool(argv):
         return
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     head = convert(_PKL.value, _OUT.value, _LANGUAGES.value, encoder=_ENCODER.value, pooling=_POOLING.value)
     print(json.dumps(head.metadata, indent=2))
 

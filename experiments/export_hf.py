@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from encoders import pretrained, runtime
+from encoders import pretrained
 from experiments.lib import runtime_flags
 
 _MODEL = flags.DEFINE_string("model", "openai/whisper-base", "Offline model name or CTranslate2 directory.")
@@ -22,11 +22,8 @@ _OUT = flags.DEFINE_string("output_dir", None, "Output directory (replaced if it
 
 def main(argv):
     """Exports and prints where."""
-    runtime_flags.init()
-    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+    if not runtime_flags.init_host_tool(argv):
         return
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         data, files_dir, source = pretrained.model_bytes(_MODEL.value)
     except ValueError as e:

@@ -60,11 +60,8 @@ def plot_saliency(scores: dict[str, np.ndarray], names: list[str]) -> bytes:
 
 
 def main(argv):
-    runtime_flags.init()
-    if not runtime.is_writer():  # a host-side tool: process 0 does all of it
+    if not runtime_flags.init_host_tool(argv):
         return
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     base_dir = loading.resolve_model_dir(_BASE.value)
     base = merging.load_state(base_dir)
     finetuned = [merging.load_state(d) for d in _FINETUNED.value]

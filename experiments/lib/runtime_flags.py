@@ -11,7 +11,7 @@ before anything touches a device:
 
 from __future__ import annotations
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from encoders import runtime
 
@@ -68,3 +68,14 @@ def init():
     if not runtime.is_writer():
         logging.set_verbosity(logging.WARNING)
     return runtime.mesh_from_flags(MESH_DATA.value, MESH_MODEL.value)
+
+
+def init_host_tool(argv) -> bool:
+    """`init` for a binary whose work is host-side file work (exporters, converters, corpus builders): refuses
+    stray arguments and returns True on process 0, the one process that does all of it."""
+    init()
+    if not runtime.is_writer():
+        return False
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    return True
