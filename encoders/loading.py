@@ -352,6 +352,13 @@ def to_flax_layout(name: str, value: np.ndarray, kernel: bool) -> np.ndarray:
     raise ValueError(f"unexpected kernel rank {value.ndim} for {name}")
 
 
+def to_torch_layout(value: np.ndarray, kernel: bool) -> np.ndarray:
+    """Inverse of `to_flax_layout`: a Flax Dense (in, out) or Conv1d (k, in, out) kernel in torch's layout."""
+    if not kernel:
+        return value
+    return value.T if value.ndim == 2 else value.transpose(2, 1, 0)
+
+
 def assign_params(model: nnx.Module, tensors: Mapping[str, np.ndarray],
                   ignore: Callable[[str], bool] = lambda name: False) -> None:
     """Copies `tensors` (transformers names, prefix stripped) into `model`'s parameters in place.
