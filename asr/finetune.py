@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from asr.whisper_decoder import WhisperDecoder
 from asr.whisper_pipeline import WhisperTokens
 from encoders import loading, runtime
-from encoders.audio import HOP_LENGTH, log_mel_spectrogram, pad_or_trim
+from encoders.audio import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from encoders.input_pipeline import Example, read_audio
 from encoders.whisper import WhisperEncoder
 
@@ -65,6 +65,7 @@ TRAINABLE_SETS = {
     "decoder_attention": lambda name: name.startswith("model.decoder.") and bool(_ATTENTION.search(name)),
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RUN_FILE = "finetune_run.json"  # the run description next to the checkpoints (`restore_checkpoint` reads it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +262,7 @@ def label_clips(examples: Sequence[Example], tokens: WhisperTokens, tokenizer, *
     if not examples:
         raise ValueError("no training clips given")
     problems = [f"{e.id} (no transcript)" for e in examples if not e.text.strip()]
-    problems += [f"{e.id} ({e.num_samples / 16000:.2f} s > {input_samples / 16000:.0f} s window)"
+    problems += [f"{e.id} ({e.num_samples / SAMPLE_RATE:.2f} s > {input_samples / SAMPLE_RATE:.0f} s window)"
                  for e in examples if e.num_samples > input_samples]
     if problems:
         raise ValueError(f"{len(problems)} clip(s) cannot be trained on: {', '.join(problems[:8])}; give every clip a "
@@ -335,28 +336,6 @@ class FinetuneResult:
     info: dict
 
 
-def _open_checkpoints(directory: str, every: int, train: dict, run: dict):
-    """orbax manager for `directory` and `train` restored from its latest checkpoint (the same `run` required)."""
-    directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, "finetune_run.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
-        if saved != run:
-            changed = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
-            raise ValueError(f"{directory} holds checkpoints of another run (differs in {changed}); use a fresh "
-                             "checkpoint directory")
-    elif runtime.is_writer():
-        runtime.atomic_write_text(config_path, json.dumps(run, indent=1))
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(directory, options=options)
-    latest = manager.latest_step()
-    if latest is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, train)
-        train = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    return manager, train
-
-
 def _train_step(step_fn, train, frozen, batch):
     """One optimisation step (module level, so tests can interrupt training between steps)."""
     return step_fn(train, frozen, batch)
@@ -407,7 +386,8 @@ def finetune(model: WhisperSeq2Seq, examples: Sequence[Example], config: Finetun
     if checkpoint_dir is not None:
         run = dict(model=model_name or tokenizer_dir, config=dataclasses.asdict(config), trainable=leaf_names,
                    data=clips.fingerprint(), batch=global_batch)
-        manager, train = _open_checkpoints(checkpoint_dir, config.checkpoint_every, train, run)
+        manager, train = runtime.open_checkpoints(checkpoint_dir, config.checkpoint_every, train, run, mesh=mesh,
+                                                  run_file=RUN_FILE)
     start_step = int(runtime.to_host(train["step"]))
     input_key = "encoder_states" if config.cache_encoder_states else "mel"
 
@@ -466,9 +446,9 @@ def finetune(model: WhisperSeq2Seq, examples: Sequence[Example], config: Finetun
 def restore_checkpoint(checkpoint_dir: str) -> tuple[WhisperSeq2Seq, str, int]:
     """(model with the latest checkpoint's parameters, the base model it was loaded from, that step) of a
     `finetune` checkpoint directory: what `experiments.export_hf` exports from a run, finished or killed."""
-    config_path = os.path.join(checkpoint_dir, "finetune_run.json")
+    config_path = os.path.join(checkpoint_dir, RUN_FILE)
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{checkpoint_dir} has no finetune_run.json: not a fine-tuning checkpoint directory")
+        raise FileNotFoundError(f"{checkpoint_dir} has no {RUN_FILE}: not a fine-tuning checkpoint directory")
     with open(config_path) as f:
         run = json.load(f)
     config = FinetuneConfig(**run["config"])

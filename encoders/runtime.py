@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -444,6 +445,40 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def atomic_write_text(path: str, text: str) -> None:
     """`atomic_write_bytes` of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def open_checkpoints(directory: str, every: int, train, run: dict, *, mesh: Mesh | None = None,
+                     run_file: str = "train_config.json"):
+    """(orbax manager for `directory`, `train` restored from its latest checkpoint, if any) of a resumable run.
+
+    `run` (JSON) describes the run: it is written to `directory/run_file` on the first call (process 0,
+    atomically: a half-written file would block every resume) and a later call with a different one is refused.
+    Checkpoints are saved every `every` steps, the last two kept. On several processes `train` must be global
+    arrays on `mesh` (orbax saves them collectively).
+    """
+    import orbax.checkpoint as ocp
+
+    if mesh is None and jax.process_count() > 1:
+        raise ValueError(f"checkpointing on {jax.process_count()} processes needs a mesh: pass mesh= (orbax saves "
+                         "global arrays), or no checkpoint_dir")
+    directory = os.path.abspath(directory)
+    run_path = os.path.join(directory, run_file)
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            saved = json.load(f)
+        if saved != run:
+            changed = sorted(k for k in set(saved) | set(run) if saved.get(k) != run.get(k))
+            raise ValueError(f"{directory} holds checkpoints of a different run (differs in {changed}): {saved} != "
+                             f"{run}; use a fresh checkpoint directory")
+    elif is_writer():
+        atomic_write_text(run_path, json.dumps(run, indent=1))
+    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(directory, options=options)
+    latest = manager.latest_step()
+    if latest is not None:
+        train = manager.restore(latest, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                                                                  train)))
+    return manager, train
 
 
 def mesh_context(mesh: Mesh | None):

@@ -30,7 +30,7 @@ def main(argv):
     """Exports and prints where."""
     if not runtime_flags.init_host_tool(argv):
         return
-    if os.path.exists(os.path.join(_MODEL.value, "finetune_run.json")):
+    if os.path.exists(os.path.join(_MODEL.value, finetune.RUN_FILE)):
         model, base, step = finetune.restore_checkpoint(_MODEL.value)
         out = merging.save_hf(model.state_dict(), loading.resolve_model_dir(base), _OUT.value)
         print(f"wrote {out} (step {step} of a fine-tune of {base})")

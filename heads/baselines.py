@@ -5,8 +5,6 @@ format as `ConvexReLUHead`.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -145,9 +143,10 @@ class NNHead(Head):
         total = epochs * steps_per_epoch
         manager = None
         if checkpoint_dir is not None:
-            manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train,
-                                               dict(hyperparameters, seed=seed, n=n, dim=dim, languages=list(languages),
-                                                    input_norm=input_norm), mesh)
+            manager, train = runtime.open_checkpoints(
+                checkpoint_dir, checkpoint_every, train,
+                dict(hyperparameters, seed=seed, n=n, dim=dim, languages=list(languages), input_norm=input_norm),
+                mesh=mesh)
         start = time.perf_counter()
         padded = {b: b + (-b % shards) for b in {min(batch_size, n), n % batch_size or batch_size}}
         executables = {p: step_fn.lower(train, jax.ShapeDtypeStruct((p, dim), jnp.float32, sharding=x_sharding),
@@ -188,32 +187,6 @@ class NNHead(Head):
 def _train_step(step_fn, train, *batch):
     """One optimisation step (module-level so tests can interrupt training between steps)."""
     return step_fn(train, *batch)
-
-
-def _open_checkpoints(directory: str, every: int, train: dict, config: dict, mesh):
-    """Orbax manager for `directory`; restores the latest checkpoint (same config required) into `train`.
-
-    On several processes `train` must be global arrays on `mesh` (orbax saves them collectively); only process 0
-    writes the directory and its train_config.json.
-    """
-    if mesh is None and jax.process_count() > 1:
-        raise ValueError(f"checkpointing on {jax.process_count()} processes needs a mesh: pass mesh= (orbax saves "
-                         "global arrays), or no checkpoint_dir")
-    directory = os.path.abspath(directory)
-    config_path = os.path.join(directory, "train_config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            saved = json.load(f)
-        if saved != config:
-            raise ValueError(f"{directory} holds checkpoints of a different run: {saved} != {config}.")
-    elif runtime.is_writer():
-        io.atomic_write_text(config_path, json.dumps(config))  # a half-written config would block every resume
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=2, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(directory, options=options)
-    latest = manager.latest_step()
-    if latest is not None:
-        train = manager.restore(latest, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, train)))
-    return manager, train
 
 
 @jax.jit

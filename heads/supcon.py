@@ -30,7 +30,6 @@ from heads.baselines import (
     MLP,
     _apply,
     _batch_layout,
-    _open_checkpoints,
     _put,
     _replicated,
 )
@@ -170,8 +169,8 @@ def train_projector(features, labels, *, hidden: int = 1024, out_dim: int = 256,
 
     manager = None
     if checkpoint_dir is not None:
-        manager, train = _open_checkpoints(checkpoint_dir, checkpoint_every, train, dict(config, n=int(x.shape[0])),
-                                           mesh)
+        manager, train = runtime.open_checkpoints(checkpoint_dir, checkpoint_every, train,
+                                                  dict(config, n=int(x.shape[0])), mesh=mesh)
     start_step = int(runtime.to_host(train["step"]))
     end = steps if stop_after is None else min(steps, start_step + stop_after)
     losses, started = [], time.perf_counter()

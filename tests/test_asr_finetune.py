@@ -197,7 +197,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch
     assert (base, step) == (model_dir, 7)
     for name, value in reference.model.state_dict().items():
         np.testing.assert_array_equal(restored.state_dict()[name], value, err_msg=name)
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(ValueError, match="different run"):
         ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(),
                     ft.FinetuneConfig(**{**config.__dict__, "learning_rate": 2e-3}), tokenizer_dir=model_dir,
                     checkpoint_dir=ckpt, progress=False)
