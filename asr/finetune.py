@@ -307,13 +307,14 @@ def batch_pipeline(clips: LabelledClips, schedule: np.ndarray, start: int, featu
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)))
 
 
-def cache_encoder_states(model: WhisperSeq2Seq, clips: LabelledClips, batch_size: int, mesh=None) -> np.ndarray:
-    """(N, S, D) float32 encoder states of every clip (frozen-encoder training), in batches with a progress bar;
-    with `mesh` each batch is split over `data` (every process gets all states)."""
+def cache_encoder_states(model: WhisperSeq2Seq, examples: Sequence[Example], batch_size: int, mesh=None,
+                         desc: str = "encoding training clips") -> np.ndarray:
+    """(N, S, D) float32 encoder states of every clip (frozen-encoder training and evaluation), in batches with a
+    progress bar; with `mesh` each batch is split over `data` (every process gets all states)."""
     encode = nnx.jit(lambda m, mel: m.encode(mel).astype(jnp.float32))
     out = []
-    for i in tqdm(range(0, len(clips.examples), batch_size), desc="encoding training clips", unit="batch"):
-        group = clips.examples[i: i + batch_size]
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
+        group = examples[i: i + batch_size]
         mel = np.stack([log_mel(model, read_audio(e)) for e in group] +
                        [np.zeros((model.encoder.config.num_mel_bins, model.encoder.num_frames), np.float32)]
                        * (batch_size - len(group)))
@@ -343,13 +344,14 @@ def _train_step(step_fn, train, frozen, batch):
 
 def finetune(model: WhisperSeq2Seq, examples: Sequence[Example], config: FinetuneConfig, *, tokenizer_dir: str,
              checkpoint_dir: str | None = None, mesh=None, progress: bool = True,
-             model_name: str | None = None) -> FinetuneResult:
+             model_name: str | None = None, encoder_states: np.ndarray | None = None) -> FinetuneResult:
     """Fine-tunes `model` (in place) on `examples` (transcripts in `Example.text`); see the module docstring.
 
     `tokenizer_dir`: the checkpoint's directory (generation_config.json and tokenizer files). `model_name`: what
     `model` was loaded from, recorded with the checkpoints (`restore_checkpoint` reloads it; default
-    `tokenizer_dir`). On several processes every process passes the same examples and a mesh; each reads its rows
-    of every global batch.
+    `tokenizer_dir`). `encoder_states`: the (N, S, D) states of `examples` already computed by this model's frozen
+    encoder (with `cache_encoder_states`; default: computed here). On several processes every process passes the
+    same examples and a mesh; each reads its rows of every global batch.
     """
     config.check()
     if mesh is None and jax.process_count() > 1:
@@ -365,13 +367,20 @@ def finetune(model: WhisperSeq2Seq, examples: Sequence[Example], config: Finetun
         raise ValueError(f"trainable set {config.trainable!r} selects no parameter of this model")
     if config.cache_encoder_states and any(n.startswith("model.encoder.") for n in names):
         raise ValueError(f"cache_encoder_states needs a frozen encoder, but trainable={config.trainable!r} trains it")
+    if encoder_states is not None:
+        if not config.cache_encoder_states:
+            raise ValueError("encoder_states were given but cache_encoder_states is off; set it to train on them")
+        expected = (len(examples), model.encoder.config.max_source_positions, model.encoder.config.d_model)
+        if np.shape(encoder_states) != expected:
+            raise ValueError(f"encoder_states must be (clips, positions, d_model) = {expected}, "
+                             f"got {np.shape(encoder_states)}")
     global_batch = runtime.padded_size(config.batch_size, mesh)
     if global_batch % jax.process_count():
         raise ValueError(f"batch size {global_batch} does not split over {jax.process_count()} processes")
     if mesh is not None:
         runtime.shard_model(model, mesh)
     if config.cache_encoder_states:
-        states = cache_encoder_states(model, clips, global_batch, mesh)
+        states = cache_encoder_states(model, clips.examples, global_batch, mesh) if encoder_states is None else encoder_states
         features = lambda i: states[i]  # noqa: E731
     else:
         features = lambda i: log_mel(model, read_audio(clips.examples[i]))  # noqa: E731

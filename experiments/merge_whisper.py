@@ -11,21 +11,15 @@ attention module, the picture of where an adaptation lives.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
 
-import matplotlib
+from absl import app, flags
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from asr import merging  # noqa: E402
-from encoders import loading, runtime  # noqa: E402
-from experiments.lib import runtime_flags  # noqa: E402
+from asr import merging
+from encoders import loading, runtime
+from experiments.lib import plots, runtime_flags
 
 _BASE = flags.DEFINE_string("base", None, "Base model directory (or offline name).", required=True)
 _FINETUNED = flags.DEFINE_list("finetuned", None, "Fine-tuned model directories.", required=True)
@@ -39,24 +33,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "dare: seed of the drop masks.")
 _HEAD_FRACTION = flags.DEFINE_float("head_fraction", 0.6, "hsa: fraction of heads each model keeps.")
 _SELECT = flags.DEFINE_enum("select", "global", ["global", "layer"], "hsa: rank heads over all modules or per module.")
 _NON_ATTENTION = flags.DEFINE_enum("non_attention", "base", list(merging.NON_ATTENTION), "hsa: the other parameters.")
-
-
-def plot_saliency(scores: dict[str, np.ndarray], names: list[str]) -> bytes:
-    """PNG heat map: per model, attention modules (rows) x heads (columns) of task-vector L2 norms."""
-    prefixes = list(scores)
-    fig, axes = plt.subplots(1, len(names), figsize=(3 + 2.5 * len(names), 0.3 * len(prefixes) + 1.5), squeeze=False)
-    top = max(float(s.max()) for s in scores.values()) or 1.0
-    for m, (ax, name) in enumerate(zip(axes[0], names)):
-        image = ax.imshow(np.stack([scores[p][m] for p in prefixes]), aspect="auto", cmap="viridis", vmin=0, vmax=top)
-        ax.set_title(os.path.basename(name.rstrip("/")), fontsize=8)
-        ax.set_xlabel("head")
-        ax.set_yticks(range(len(prefixes)), [p.removeprefix("model.") for p in prefixes] if m == 0 else [""] * len(prefixes),
-                      fontsize=6)
-    fig.colorbar(image, ax=axes[0].tolist(), label="||task vector|| over the head's slices")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def main(argv):
@@ -75,7 +51,7 @@ def main(argv):
     merging.save_hf(merged, base_dir, _OUTPUT.value)
     if _METHOD.value == "hsa":
         scores = merging.head_saliency(base, finetuned, config)
-        runtime.atomic_write_bytes(os.path.join(_OUTPUT.value, "head_saliency.png"), plot_saliency(scores, _FINETUNED.value))
+        runtime.atomic_write_bytes(os.path.join(_OUTPUT.value, "head_saliency.png"), plots.plot_saliency(scores, _FINETUNED.value))
     record = {"method": _METHOD.value, "settings": settings, "base": _BASE.value, "finetuned": _FINETUNED.value,
               "merge_seconds": seconds}
     runtime.atomic_write_text(os.path.join(_OUTPUT.value, "merge.json"), json.dumps(record, indent=2))
