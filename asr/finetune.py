@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import re
-import time
 from collections.abc import Sequence
 
 import grain
@@ -47,6 +46,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from asr import training
 from asr.whisper_decoder import WhisperDecoder
 from asr.whisper_pipeline import WhisperTokens
 from encoders import loading, runtime
@@ -94,13 +94,19 @@ class FinetuneConfig:
             raise ValueError(f"unknown trainable set {self.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
-        if self.learning_rate <= 0 or self.clip_norm <= 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate and clip_norm must be positive and weight_decay non-negative")
+        check_training_settings(self)
+
+
+def check_training_settings(config) -> None:
+    """Raises ValueError naming the bad setting among a training config's steps, batch_size, checkpoint_every,
+    warmup_steps, learning_rate, clip_norm and weight_decay (shared by every trainer in `asr`)."""
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(config, name)}")
+    if not 0 <= config.warmup_steps < config.steps:
+        raise ValueError(f"warmup_steps must be in [0, steps={config.steps}), got {config.warmup_steps}")
+    if config.learning_rate <= 0 or config.clip_norm <= 0 or config.weight_decay < 0:
+        raise ValueError("learning_rate and clip_norm must be positive and weight_decay non-negative")
 
 
 class WhisperSeq2Seq(nnx.Module):
@@ -337,11 +343,6 @@ class FinetuneResult:
     info: dict
 
 
-def _train_step(step_fn, train, frozen, batch):
-    """One optimisation step (module level, so tests can interrupt training between steps)."""
-    return step_fn(train, frozen, batch)
-
-
 def finetune(model: WhisperSeq2Seq, examples: Sequence[Example], config: FinetuneConfig, *, tokenizer_dir: str,
              checkpoint_dir: str | None = None, mesh=None, progress: bool = True,
              model_name: str | None = None, encoder_states: np.ndarray | None = None) -> FinetuneResult:
@@ -417,36 +418,13 @@ def finetune(model: WhisperSeq2Seq, examples: Sequence[Example], config: Finetun
             return {k: jnp.asarray(v) for k, v in local.items()}
         return {k: runtime.global_rows(v, mesh, global_batch, names_of[k]) for k, v in local.items()}
 
-    info = dict(resumed_from=start_step, losses=[], grad_norms=[], learning_rates=[], compile_seconds=0.0,
-                run_seconds=0.0, flops_per_step=None, trainable_parameters=int(sum(np.size(x) for x in leaves)))
-    schedule_fn = learning_rate_schedule(config)
     batches = batch_pipeline(clips, schedule, start_step, features)
-    executable = None
-    bar = tqdm(total=config.steps, initial=start_step, desc=f"fine-tuning ({config.trainable})", unit="step",
-               disable=not progress)
     with runtime.mesh_context(mesh):
-        for step in range(start_step, config.steps):
-            batch = device_batch(next(batches))
-            if executable is None:
-                began = time.perf_counter()
-                executable = jax.jit(step_fn, donate_argnums=0).lower(train, frozen, batch).compile()
-                info["compile_seconds"] = time.perf_counter() - began
-                info["flops_per_step"] = float((executable.cost_analysis() or {}).get("flops", float("nan")))
-            began = time.perf_counter()
-            train, loss, grad_norm = _train_step(executable, train, frozen, batch)
-            loss = float(runtime.to_host(loss))
-            info["run_seconds"] += time.perf_counter() - began
-            info["losses"].append(loss)
-            info["grad_norms"].append(float(runtime.to_host(grad_norm)))
-            info["learning_rates"].append(float(schedule_fn(step)))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if manager is not None:
-                manager.save(step + 1, args=ocp.args.StandardSave(train), force=step + 1 == config.steps)
-    bar.close()
-    if manager is not None:
-        manager.wait_until_finished()
-        manager.close()
+        train, info = training.run_steps(step_fn, train, (frozen,), lambda step: device_batch(next(batches)),
+                                         start=start_step, steps=config.steps,
+                                         learning_rate=learning_rate_schedule(config), manager=manager,
+                                         desc=f"fine-tuning ({config.trainable})", progress=progress)
+    info.update(resumed_from=start_step, trainable_parameters=int(sum(np.size(x) for x in leaves)))
     nnx.update(model, jax.tree.unflatten(treedef, train["params"]))
     info["steps"] = config.steps
     return FinetuneResult(model, info)

@@ -15,20 +15,15 @@ exports the latest checkpoint of a run, finished or not.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 
-import matplotlib
+from absl import app, flags
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from asr import finetune, merging  # noqa: E402
-from encoders import loading, runtime  # noqa: E402
-from encoders.input_pipeline import load_manifest  # noqa: E402
-from experiments.lib import runtime_flags  # noqa: E402
+from asr import finetune, merging
+from encoders import loading, runtime
+from encoders.input_pipeline import load_manifest
+from experiments.lib import plots, runtime_flags
 
 _MODEL = flags.DEFINE_string("model", "openai/whisper-base", "Base checkpoint: HF directory, offline name or Hub id.")
 _MANIFEST = flags.DEFINE_string("train_manifest", None, "Manifest (jsonl/csv) of the training clips.", required=True)
@@ -48,19 +43,6 @@ _LABEL_TOKENS = flags.DEFINE_integer("max_label_tokens", None, "Label sequence l
 _CACHE_STATES = flags.DEFINE_bool("cache_encoder_states", False, "Frozen encoder: encode every clip once.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", _DEFAULTS.checkpoint_every, "Steps between checkpoints.")
 _SEED = flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of the batch order.")
-
-
-def plot_losses(losses: list[float], first_step: int) -> bytes:
-    """PNG of the training loss per step."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(first_step + 1, first_step + len(losses) + 1), losses)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (scored tokens)")
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def main(argv):
@@ -92,7 +74,7 @@ def main(argv):
     runtime.atomic_write_text(os.path.join(_OUTPUT.value, "finetune.json"), json.dumps(info, indent=1))
     if info["losses"]:
         runtime.atomic_write_bytes(os.path.join(_OUTPUT.value, "loss.png"),
-                                   plot_losses(info["losses"], info["resumed_from"]))
+                                   plots.plot_losses(info["losses"], info["resumed_from"]))
     print(f"fine-tuned {len(info['losses'])} steps (from step {info['resumed_from']}) on {len(examples)} clips; "
           f"wrote {out}")
 

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from asr import finetune as ft
-from asr import merging
+from asr import merging, training
 from asr.whisper_pipeline import WhisperTokens
 from encoders.input_pipeline import Example
 from tests.asr_testutil import tiny_whisper_asr
@@ -165,6 +165,30 @@ def test_cached_encoder_states_train_the_same_model(tiny):
                     ft.FinetuneConfig(trainable="attention", cache_encoder_states=True), tokenizer_dir=model_dir)
 
 
+def test_precomputed_encoder_states_from_transformers_train_the_same_model(tiny):
+    """States computed outside (here by transformers' PyTorch encoder) train exactly as the internal cache."""
+    import torch
+
+    model_dir, torch_model = tiny
+    model = ft.WhisperSeq2Seq.from_pretrained(model_dir)
+    mel = np.stack([ft.log_mel(model, e.audio) for e in clips()])
+    with torch.no_grad():
+        states = torch_model.model.encoder(torch.tensor(mel)).last_hidden_state.numpy()
+    config = ft.FinetuneConfig(trainable="decoder_attention", steps=3, warmup_steps=1, batch_size=2,
+                               learning_rate=1e-3, cache_encoder_states=True)
+    internal = ft.finetune(model, clips(), config, tokenizer_dir=model_dir, progress=False)
+    external = ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
+                           progress=False, encoder_states=states)
+    np.testing.assert_allclose(external.info["losses"], internal.info["losses"], rtol=1e-4)
+    with pytest.raises(ValueError, match=r"encoder_states must be \(clips, positions, d_model\)"):
+        ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
+                    progress=False, encoder_states=states[:2])
+    with pytest.raises(ValueError, match="cache_encoder_states is off"):
+        ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(),
+                    ft.FinetuneConfig(trainable="decoder_attention", steps=3, warmup_steps=1),
+                    tokenizer_dir=model_dir, progress=False, encoder_states=states)
+
+
 def test_kill_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     model_dir, _ = tiny
     config = ft.FinetuneConfig(trainable="attention", steps=7, warmup_steps=2, batch_size=2, learning_rate=1e-3,
@@ -172,7 +196,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch
     reference = ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
                             progress=False)
     calls = {"n": 0}
-    real_step = ft._train_step
+    real_step = training._train_step
 
     def killed_after_5(*args):
         if calls["n"] == 5:
@@ -181,11 +205,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch
         return real_step(*args)
 
     ckpt = str(tmp_path / "ckpt")
-    monkeypatch.setattr(ft, "_train_step", killed_after_5)
+    monkeypatch.setattr(training, "_train_step", killed_after_5)
     with pytest.raises(KeyboardInterrupt):
         ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
                     checkpoint_dir=ckpt, progress=False)
-    monkeypatch.setattr(ft, "_train_step", real_step)
+    monkeypatch.setattr(training, "_train_step", real_step)
     assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]  # step 5 was lost with the kill
     resumed = ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
                           checkpoint_dir=ckpt, progress=False)

@@ -161,34 +161,6 @@ SPLITS = {"train": ("train", "train", ("A", "B", "AB")), "dev": ("dev", "eval", 
           "test": ("test", "eval", TEST_CONDITIONS)}
 
 
-def read_sentences(paths) -> list[str]:
-    """Distinct non-empty lines of the sentence files, in file order (a missing file is an error naming it)."""
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"sentence files not found: {missing}; run from the repository root with "
-                                "../shared/corpora/sentences/ present, or pass --sentence_files")
-    seen, out = set(), []
-    for path in paths:
-        for line in open(path, encoding="utf-8"):
-            line = line.strip()
-            if line and line not in seen:
-                seen.add(line)
-                out.append(line)
-    return out
-
-
-def split_sentences(sentences: list[str], counts: dict[str, int], seed: int) -> dict[str, list[str]]:
-    """Disjoint sentence sets of the given sizes from one seeded permutation."""
-    if sum(counts.values()) > len(sentences):
-        raise ValueError(f"{sum(counts.values())} sentences asked for ({counts}) but only {len(sentences)} given")
-    order = np.random.default_rng(seed).permutation(len(sentences))
-    out, start = {}, 0
-    for name, count in counts.items():
-        out[name] = [sentences[i] for i in order[start: start + count]]
-        start += count
-    return out
-
-
 # --- cached per-clip data -------------------------------------------------------------------------------------------
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -221,7 +193,7 @@ def encoded_domain(model: WhisperSeq2Seq, name: str, sentences: list[str], pool:
 
 def build_domains(model: WhisperSeq2Seq, cache: str) -> dict[str, dict]:
     """Every split's conditions ({"train_A": {...}, "dev_B": ..., "test_AB": ...})."""
-    sentences = split_sentences(read_sentences(_SENTENCES.value),
+    sentences = tts.split_sentences(tts.read_sentences(_SENTENCES.value),
                                 {"train": _TRAIN.value, "dev": _DEV.value, "test": _TEST.value}, _SEED.value)
     domains = {}
     for split, (sentence_set, pool, conditions) in SPLITS.items():

@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def png(fig) -> bytes:
+    """The PNG bytes of a matplotlib figure (120 dpi, tight), closing it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
 def plot_saliency(scores: dict[str, np.ndarray], names: list[str]) -> bytes:
     """PNG heat map: per model, attention modules (rows) x heads (columns) of task-vector L2 norms."""
     prefixes = list(scores)
@@ -24,7 +31,14 @@ def plot_saliency(scores: dict[str, np.ndarray], names: list[str]) -> bytes:
         ax.set_yticks(range(len(prefixes)), [p.removeprefix("model.") for p in prefixes] if m == 0 else [""] * len(prefixes),
                       fontsize=6)
     fig.colorbar(image, ax=axes[0].tolist(), label="||task vector|| over the head's slices")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)
+
+
+def plot_losses(losses: list[float], first_step: int, ylabel: str = "cross-entropy (scored tokens)") -> bytes:
+    """PNG of the training loss per step (steps first_step+1, ...)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(first_step + 1, first_step + len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return png(fig)

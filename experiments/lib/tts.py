@@ -1,8 +1,10 @@
-"""espeak-ng synthesis shared by the corpus builders (`build_tts_corpus`, `build_phone_corpus`)."""
+"""Synthetic speech shared by the corpus builders and benchmarks: espeak-ng synthesis, silence trimming, sox pitch
+shift, and the sentence files they read (`read_sentences`, `split_sentences`)."""
 
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 
 import numpy as np
@@ -36,3 +38,31 @@ def shift_pitch(audio: np.ndarray, cents: float) -> np.ndarray:
                          input=source.getvalue(), capture_output=True, check=True).stdout
     shifted, rate = sf.read(io.BytesIO(wav), dtype="float32")
     return prepare_audio(shifted, rate)
+
+
+def read_sentences(paths) -> list[str]:
+    """Distinct non-empty lines of the sentence files, in file order (a missing file is an error naming it)."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"sentence files not found: {missing}; run from the repository root with "
+                                "../shared/corpora/sentences/ present, or pass --sentence_files")
+    seen, out = set(), []
+    for path in paths:
+        for line in open(path, encoding="utf-8"):
+            line = line.strip()
+            if line and line not in seen:
+                seen.add(line)
+                out.append(line)
+    return out
+
+
+def split_sentences(sentences: list[str], counts: dict[str, int], seed: int) -> dict[str, list[str]]:
+    """Disjoint sentence sets of the given sizes from one seeded permutation."""
+    if sum(counts.values()) > len(sentences):
+        raise ValueError(f"{sum(counts.values())} sentences asked for ({counts}) but only {len(sentences)} given")
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    out, start = {}, 0
+    for name, count in counts.items():
+        out[name] = [sentences[i] for i in order[start: start + count]]
+        start += count
+    return out
