@@ -21,8 +21,10 @@ SFT-A on A, SFT-B on B, and joint on A∩B (the upper bound), training the decod
 TIES, DARE and DARE-TIES, and HSA at several head fractions with `select=layer` (each attention module keeps its
 top heads) and `select=global` (heads ranked over all attention modules; the encoder's heads did not move, so
 they rank last). Every merge's λ is chosen on the dev sets of A and B (mean WER; A∩B is never seen), then the
-merged decoder is scored on the test sets. Decoding is greedy with the model's forced English prompt, its
-suppress tokens and no fallback; WER uses `asr.metrics` with the basic normaliser (lower case, punctuation
+merged decoder is scored on the test sets. Decoding (`WhisperASR` over the cached states: forced English prompt,
+the model's suppress tokens, no repetition penalty) is by default openai-whisper's `transcribe` strategy (greedy,
+then temperatures 0.2 ... 1.0 for hypotheses whose compression ratio exceeds 2.4 or whose mean log-probability is
+below -1: it stops the repetition loops greedy decoding of short fine-tuning runs falls into); WER uses `asr.metrics` with the basic normaliser (lower case, punctuation
 removed; Whisper's English normaliser would delete the fillers the references hold).
 
 Reported: WER on A∩B (95 % bootstrap interval over test utterances), on A, B and clean; the paired bootstrap
@@ -54,8 +56,12 @@ from tqdm.auto import tqdm
 
 from asr import merging, metrics
 from asr.finetune import FinetuneConfig, WhisperSeq2Seq, cache_encoder_states, finetune
-from asr.generate import DecodeOptions, generate
-from asr.whisper_pipeline import WhisperTokens
+from asr.whisper_pipeline import (
+    EncodedClips,
+    WhisperASR,
+    WhisperDecodingConfig,
+    WhisperTokens,
+)
 from encoders import loading
 from encoders.input_pipeline import Example
 from experiments.lib import plots, report, runtime_flags, tts
@@ -83,6 +89,10 @@ _HSA_FRACTIONS = flags.DEFINE_list("hsa_fractions", ["0.2", "0.4", "0.6", "0.8",
 _HSA_GLOBAL_FRACTIONS = flags.DEFINE_list("hsa_global_fractions", ["0.2", "0.4", "0.6"],
                                           "HSA head fractions with select=global (empty: none).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 96, "Decoding limit per clip.")
+_DECODING = flags.DEFINE_enum("decoding", "fallback", ["fallback", "greedy"],
+                              "fallback: openai-whisper's transcribe defaults (greedy, then temperatures 0.2..1.0 "
+                              "where the compression ratio > 2.4 or the mean log-probability < -1); greedy: "
+                              "temperature 0 only.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples of the test utterances.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sentence split, voices, disfluencies and fine-tuning order.")
 _OUTPUT = flags.DEFINE_string("output_dir", "outputs/bench_merging", "Cache: states, checkpoints, hypotheses.")
@@ -221,26 +231,36 @@ def finetuned_state(model: WhisperSeq2Seq, base: dict, domain: dict, name: str, 
     result = finetune(model, domain["examples"], config, tokenizer_dir=model_dir, model_name=_MODEL.value,
                       checkpoint_dir=os.path.join(_OUTPUT.value, "finetune", name),
                       encoder_states=np.asarray(domain["states"]))
-    info = {k: result.info[k] for k in ("resumed_from", "compile_seconds", "run_seconds", "flops_per_step",
-                                        "trainable_parameters", "steps")}
-    info["final_loss"] = result.info["losses"][-1] if result.info["losses"] else None
-    info["losses"] = result.info["losses"]
+    info_path = os.path.join(_OUTPUT.value, "finetune", f"{name}.json")
+    if result.info["resumed_from"] == 0:  # trained from scratch in this call: its cost is the run's
+        info = {k: result.info[k] for k in ("compile_seconds", "run_seconds", "flops_per_step",
+                                            "trainable_parameters", "steps", "losses")}
+        report.atomic_write_text(info_path, json.dumps(info))
+    elif os.path.exists(info_path):  # restored: report the cost measured when it was trained
+        info = json.load(open(info_path))
+    else:  # resumed mid-run by an older binary: this call's share only
+        info = {k: result.info[k] for k in ("compile_seconds", "run_seconds", "flops_per_step",
+                                            "trainable_parameters", "steps", "losses")}
+    info["resumed_from"] = result.info["resumed_from"]
     return result.model.state_dict(), info
 
 
+def decoding_config() -> WhisperDecodingConfig:
+    """The `--decoding` settings (no repetition penalty: the references repeat words verbatim)."""
+    fallback = _DECODING.value == "fallback"
+    return WhisperDecodingConfig(max_new_tokens=_MAX_NEW_TOKENS.value, repetition_penalty=1.0,
+                                 temperatures=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0) if fallback else (0.0,),
+                                 compression_ratio_threshold=2.4 if fallback else None,
+                                 logprob_threshold=-1.0 if fallback else None, batch_size=_BATCH.value)
+
+
 def transcribe(model: WhisperSeq2Seq, tokens: WhisperTokens, states: np.ndarray) -> list[str]:
-    """Greedy transcripts of cached encoder states (forced English prompt, the model's suppress tokens); the last
-    batch is padded to the batch size, so one compilation serves every batch."""
-    options = DecodeOptions(_MAX_NEW_TOKENS.value, tokens.eot, 1, 1.0, tokens.suppress_tokens,
-                            tokens.begin_suppress_tokens)
-    prompt = np.array([tokens.prompt("en")] * _BATCH.value)
-    out = []
-    for i in range(0, len(states), _BATCH.value):
-        batch = np.asarray(states[i: i + _BATCH.value])
-        padded = np.concatenate([batch, np.repeat(batch[-1:], _BATCH.value - len(batch), 0)])
-        result = generate(model.decoder, padded, prompt, options)
-        out += [tokens.decode(result.tokens[r, : result.lengths[r]]) for r in range(len(batch))]
-    return out
+    """Transcripts of cached encoder states by `WhisperASR` decoding (forced English prompt, the model's suppress
+    tokens, `--decoding`), the decoder being `model`'s current one."""
+    pipeline = WhisperASR(model.encoder, model.decoder, tokens, ["en"], decoding_config())
+    n = len(states)
+    encoded = EncodedClips(np.asarray(states), list(range(n)), [pipeline.encoder.config.max_source_positions] * n, n)
+    return pipeline.transcribe(encoded, ["en"] * n)
 
 
 class Evaluator:
@@ -248,7 +268,7 @@ class Evaluator:
 
     def __init__(self, model: WhisperSeq2Seq, tokens: WhisperTokens, domains: dict):
         self.model, self.tokens, self.domains = model, tokens, domains
-        self.cache = os.path.join(_OUTPUT.value, "hypotheses")
+        self.cache = os.path.join(_OUTPUT.value, f"hypotheses_{_DECODING.value}")
 
     def hypotheses(self, key: str, state, domains) -> dict[str, list[str]]:
         """{domain: transcripts} by the decoder of `state` (a dict, or a callable making it, called only when
@@ -390,8 +410,8 @@ def main(argv):
              f"{_TEST.value} disjoint train / dev / test sentences, disjoint training and evaluation speakers. "
              f"Fine-tuning: `{_TRAINABLE.value}`, {_STEPS.value} steps of {_BATCH.value} clips, AdamW peak "
              f"{_LR.value:g} (warm-up {max(1, _STEPS.value // 10)} steps, linear decay), seed {_SEED.value}. λ of "
-             "every merge chosen on dev A + dev B (mean WER). Greedy decoding, WER in % (basic normaliser, "
-             "verbatim references with fillers).", "",
+             f"every merge chosen on dev A + dev B (mean WER). Decoding: {_DECODING.value} (see the binary's "
+             "docstring), WER in % (basic normaliser, verbatim references with fillers).", "",
              "| model | λ | WER A∩B | 95 % CI | Δ vs task arithmetic on A∩B, 95 % CI | WER A | WER B | WER clean "
              "| SFT→joint gap closed |", "|---|---|---|---|---|---|---|---|---|"]
     for label in results:
@@ -419,9 +439,11 @@ def main(argv):
               f"| synthesise + encode every clip once (or read the cache) | {data_seconds:.0f} |"]
     for name, info in train_info.items():
         if info["flops_per_step"] is None:
-            lines.append(f"| fine-tune {name}: restored from its finished checkpoint | 0 |")
+            lines.append(f"| fine-tune {name}: not measured (trained by an earlier, interrupted run of this binary, "
+                         "restored from its checkpoint) | n/a |")
             continue
-        lines.append(f"| fine-tune {name}: compile / {info['steps'] - info['resumed_from']} steps run "
+        restored = " (measured when trained; restored from its checkpoint here)" if info["resumed_from"] else ""
+        lines.append(f"| fine-tune {name}: compile / {len(info['losses'])} steps{restored} "
                      f"({info['flops_per_step'] / 1e9:.0f} GFLOP/step by XLA, {info['trainable_parameters']:,} "
                      f"trainable) | {info['compile_seconds']:.1f} / {info['run_seconds']:.0f} |")
     for label, seconds in merge_seconds.items():
