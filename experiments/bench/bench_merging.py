@@ -43,6 +43,7 @@ killed run resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -173,6 +174,11 @@ SPLITS = {"train": ("train", "train", ("A", "B", "AB")), "dev": ("dev", "eval", 
 
 # --- cached per-clip data -------------------------------------------------------------------------------------------
 
+def run_digest(*parts) -> str:
+    """12 hex digits of the SHA-256 of `parts` as JSON: names cache entries by everything they depend on."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _save_npy(path: str, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -182,8 +188,10 @@ def _save_npy(path: str, array: np.ndarray) -> None:
 def encoded_domain(model: WhisperSeq2Seq, name: str, sentences: list[str], pool: str, condition: Condition,
                    seed: int, cache: str) -> dict:
     """{"examples", "states"} of one split's condition: synthesised, encoded by the frozen encoder and cached
-    (`cache/name.npy` + `.json`), so a re-run neither synthesises nor encodes again."""
-    states_path, rows_path = os.path.join(cache, f"{name}.npy"), os.path.join(cache, f"{name}.json")
+    (`cache/name-DIGEST.npy` + `.json`, the digest naming the model, sentences, speaker pool, condition and seed),
+    so a re-run neither synthesises nor encodes again and a changed setting never reads stale clips."""
+    digest = run_digest(_MODEL.value, name, sentences, pool, dataclasses.asdict(condition), seed)
+    states_path, rows_path = (os.path.join(cache, f"{name}-{digest}.{ext}") for ext in ("npy", "json"))
     if not (os.path.exists(states_path) and os.path.exists(rows_path)):
         rng = np.random.default_rng([seed, sum(map(ord, name))])
         examples = []
@@ -268,7 +276,9 @@ class Evaluator:
 
     def __init__(self, model: WhisperSeq2Seq, tokens: WhisperTokens, domains: dict):
         self.model, self.tokens, self.domains = model, tokens, domains
-        self.cache = os.path.join(_OUTPUT.value, f"hypotheses_{_DECODING.value}")
+        self.cache = os.path.join(_OUTPUT.value, "hypotheses_" + run_digest(
+            _DECODING.value, _MODEL.value, _SENTENCES.value, _TRAIN.value, _DEV.value, _TEST.value, _TRAINABLE.value,
+            _STEPS.value, _BATCH.value, _LR.value, _SEED.value, _MAX_NEW_TOKENS.value))
 
     def hypotheses(self, key: str, state, domains) -> dict[str, list[str]]:
         """{domain: transcripts} by the decoder of `state` (a dict, or a callable making it, called only when
