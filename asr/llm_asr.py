@@ -85,7 +85,6 @@ class Projector(nnx.Module):
     def __init__(self, config: ProjectorConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         config.check()
         self.config = config
-        std = config.init_std
         normal = lambda shape: config.init_std * jax.random.normal(rngs.params(), shape)
         if config.kind == "conv_mlp":
             self.conv = Conv1d(config.encoder_dim, config.encoder_dim, 3, stride=2, padding=1, use_bias=False,
@@ -98,7 +97,7 @@ class Projector(nnx.Module):
         self.linear_1 = Dense(first_in, hidden, ("embed", "mlp"), rngs=rngs, use_bias=False, dtype=dtype)
         self.linear_2 = Dense(hidden, config.llm_dim, ("mlp", "embed"), rngs=rngs, use_bias=False, dtype=dtype)
         for layer in (self.linear_1, self.linear_2):
-            layer.kernel.set_value(std * jax.random.normal(rngs.params(), layer.kernel.get_value().shape))
+            layer.kernel.set_value(normal(layer.kernel.get_value().shape))
         self.norm = RMSNorm(config.llm_dim, config.norm_eps, dtype=dtype) if config.output_norm else None
 
     def __call__(self, states):
