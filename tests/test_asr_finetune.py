@@ -18,6 +18,7 @@ from asr import merging, training
 from asr.whisper_pipeline import WhisperTokens
 from encoders.input_pipeline import Example
 from tests.asr_testutil import tiny_whisper_asr
+from tests.training_testutil import killed_after
 
 TEXTS = ["hello world", "the cat sat on the mat", "um I I was going to the the shop"]
 
@@ -195,21 +196,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch
                                checkpoint_every=2)
     reference = ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
                             progress=False)
-    calls = {"n": 0}
-    real_step = training._train_step
-
-    def killed_after_5(*args):
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        calls["n"] += 1
-        return real_step(*args)
-
     ckpt = str(tmp_path / "ckpt")
-    monkeypatch.setattr(training, "_train_step", killed_after_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, training, 5):
         ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
                     checkpoint_dir=ckpt, progress=False)
-    monkeypatch.setattr(training, "_train_step", real_step)
     assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]  # step 5 was lost with the kill
     resumed = ft.finetune(ft.WhisperSeq2Seq.from_pretrained(model_dir), clips(), config, tokenizer_dir=model_dir,
                           checkpoint_dir=ckpt, progress=False)

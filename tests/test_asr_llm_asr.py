@@ -12,6 +12,7 @@ from flax import nnx
 
 from asr import llm, llm_asr, training
 from tests.test_asr_llm import tiny_checkpoint
+from tests.training_testutil import killed_after
 
 
 def test_conv_mlp_has_the_seed_parameter_count():
@@ -142,20 +143,9 @@ def test_training_moves_only_the_projector_and_resumes_exactly(tiny_lm, tmp_path
     make = lambda: llm_asr.Projector(llm_asr.ProjectorConfig(encoder_dim=16, llm_dim=64), rngs=nnx.Rngs(3))
     reference = llm_asr.train_projector(lm, make(), PROMPT, states, ids, mask, config, progress=False)
     assert reference.info["losses"][-1] < reference.info["losses"][0]
-    calls = {"n": 0}
-    real_step = training._train_step
-
-    def killed_after_5(*args):
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated kill")
-        calls["n"] += 1
-        return real_step(*args)
-
     ckpt = str(tmp_path / "ckpt")
-    monkeypatch.setattr(training, "_train_step", killed_after_5)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, training, 5):
         llm_asr.train_projector(lm, make(), PROMPT, states, ids, mask, config, checkpoint_dir=ckpt, progress=False)
-    monkeypatch.setattr(training, "_train_step", real_step)
     assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [2, 4]
     resumed = llm_asr.train_projector(lm, make(), PROMPT, states, ids, mask, config, checkpoint_dir=ckpt,
                                       progress=False)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from reference import cvxpy_optimum
 from sklearn.linear_model import LogisticRegression
+from training_testutil import killed_after
 
 import cronos
 import heads.baselines
@@ -217,21 +218,10 @@ def test_nn_head_resumes_to_identical_params(tmp_path, monkeypatch):
     X, y = _data(n=100, d=8)
     args = dict(languages=["en", "zh"], hidden=16, epochs=3, batch_size=16, seed=5)  # 7 steps/epoch, last one short
     reference = NNHead.fit(X, y, **args)
-    calls = {"n": 0}
-    real_step = heads.baselines._train_step
-
-    def killed_after_9(*a):
-        if calls["n"] == 9:
-            raise KeyboardInterrupt("simulated kill")
-        calls["n"] += 1
-        return real_step(*a)
-
     ckpt = str(tmp_path / "ckpt")
-    monkeypatch.setattr(heads.baselines, "_train_step", killed_after_9)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after(monkeypatch, heads.baselines, 9):
         NNHead.fit(X, y, checkpoint_dir=ckpt, checkpoint_every=4, **args)
     assert sorted(int(s) for s in os.listdir(ckpt) if s.isdigit()) == [4, 8]  # resumes mid-epoch 2
-    monkeypatch.setattr(heads.baselines, "_train_step", real_step)
     resumed = NNHead.fit(X, y, checkpoint_dir=ckpt, checkpoint_every=4, **args)
     assert resumed.train_info["steps"] == reference.train_info["steps"] == 21
     assert len(resumed.train_info["losses"]) == 21 - 8
