@@ -1,11 +1,11 @@
-"""jaxcld-compatible fixed mode: jaxcld 0.2.4's `admm` iteration, reimplemented in vectorised JAX.
+"""jaxcld-compatible fixed mode: jaxcld 0.2.4's `admm` iteration, reproduced operation for operation.
 
 Why it exists: the published CLD heads were trained with jaxcld 0.2.4's `CVX_ReLU_MLP` + `admm`
 (rank-20 Nyström PCG, 6 ADMM x 32 PCG iterations, rho 0.1). `cronos.solve(problem, JaxcldConfig(...), key=key)`
-reproduces those weights (float32 rounding apart) without importing jaxcld, so the published heads can be
-retrained and checked from this repository alone.
+reproduces those weights without importing jaxcld, so the published heads can be retrained and checked from
+this repository alone.
 
-What it reproduces, for the same data X, activation patterns D (jaxcld's `d_diags`, `e_diags = 2 D - 1`),
+What it computes, for the same data X, activation patterns D (jaxcld's `d_diags`, `e_diags = 2 D - 1`),
 targets and PRNG key (jaxcld's `seed`):
 
   * the Nyström sketch of the full operator A = I + F^T F / rho + G^T G on weights u = (v, w), shape
@@ -14,28 +14,28 @@ targets and PRNG key (jaxcld's `seed`):
     B = C^{-1} Y^T, U, S = svd(B^T), S = relu(S^2 - nu);
   * the preconditioner M u = (S_r + rho) U diag(1 / (S + rho)) U^T u + u - U U^T u;
   * PCG from zero for exactly `pcg_iters` iterations, run jointly over all classes: its step sizes
-    alpha = (r . z) / (p . A p) and beta = (r' . z') / (r . z) sum over every class, as jaxcld's batched
-    `pcg` does;
+    alpha = (r . z) / (p . A p) and beta = (r' . z') / (r . z) sum over every class;
   * scaled ADMM from zeros: b = F^T Y / rho + v - lam + G^T (s - nu) (one-hot targets for labels),
     u = PCG(A, b), v = prox_{(beta / rho) ||.||}(u + lam) per column of each half,
     s = relu(G u + nu), lam += gamma (u - v), nu += gamma (G u - s).
 
-Here F u = sum_i D_i X (v_i - w_i) and G u = ((2D - I) X v_i, (2D - I) X w_i). jaxcld's ADMM solves only
-the cone-constrained ConvexReLU program, in float32, so this mode does too. Internally weights are
-(d, C, 2, P), so every operator is one GEMM with X or X^T over all classes at once.
-
-Agreement is up to float32 rounding, which jaxcld's iteration can amplify: once its fixed-length PCG has
-reached the float32 floor, further iterations move the iterate by ~cond * eps, so jaxcld's own output
-changes under any rounding change (another XLA fusion, thread count or reduction order; e.g. by ~6e-3 on
-n = 1000, d = 128, P = 16 embedding-like data with the published 6 x 32 settings). Where jaxcld is itself
-reproducible (tests/test_cronos_jaxcld.py), v and w agree to ~1e-5 relative.
+Why operation for operation: with the published settings jaxcld's fixed-length PCG runs past the float32
+floor, where every further iteration amplifies rounding, so jaxcld's own output moves by ~1e-2 relative under
+any change of rounding (another XLA fusion, a reordered sum) on embedding-sized problems. A vectorised
+reimplementation (one GEMM for all classes) agreed with it to 1e-5 on small problems but only to ~2e-2 on
+n = 1000, d = 768. So this mode issues the same JAX operations in the same order, with the same jit
+boundaries (per-class operators under `vmap`, one jitted 32-step PCG, eager ADMM updates, the same Python
+scalars): XLA then compiles the same programs and, on the same JAX version and machine, the iterates are
+jaxcld's bit for bit (tests/test_cronos_jaxcld.py). It is therefore as slow as jaxcld; `cronos.ADMMConfig`
+(the same 6 x 32 iteration, vectorised) and the default tolerance path are the fast modes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import time
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,16 +46,14 @@ from jax.sharding import Mesh
 
 from cronos.admm import (
     SolveResult,
-    _compiled,
     _flops_of,
     _local,
     _pad_rows,
-    _place,
     _to_host,
     check_validation,
     place_rows,
 )
-from cronos.problems import ConvexReLU, GatedReLU, dual_bound, features_times_patterns
+from cronos.problems import ConvexReLU, GatedReLU, dual_bound
 
 __all__ = ["JaxcldConfig", "solve_jaxcld"]
 
@@ -101,205 +99,237 @@ class JaxcldConfig:
             raise ValueError(f"JaxcldConfig.gamma must lie in (0, {_GOLDEN:.3f}) for ADMM to converge, got {self.gamma!r}.")
 
 
-class _Statics(NamedTuple):
-    rank: int
-    admm_iters: int
-    pcg_iters: int
-    with_validation: bool
-    row_sharding: Any
-
-
 # ----------------------------------------------------------------------------------------------
-# Operators on weight batches u (d, B, 2, P): B vectors of jaxcld's (2, d, P) tensors.
+# Operators, as jaxcld's CVX_ReLU_MLP: one class's weights are a (2, d, P) tensor, batches over classes are
+# vmapped, every operator is jitted with the operator object as a pytree and rho as a static Python float.
 
 
-def _gemm(X, u):
-    """X u for u (d, ...): (n, ...)."""
-    return (X @ u.reshape(u.shape[0], -1)).reshape((X.shape[0],) + u.shape[1:])
+@jax.tree_util.register_pytree_node_class
+class _Operators:
+    """F, G and A = I + F^T F / rho + G^T G of the ConvexReLU program (jaxcld's CVX_ReLU_MLP operators)."""
+
+    def __init__(self, X, d_diags, e_diags, num_patterns: int, rho: float):
+        self.X, self.d_diags, self.e_diags = X, d_diags, e_diags
+        self.num_patterns, self.rho = num_patterns, rho
+
+    def tree_flatten(self):
+        return (self.X, self.d_diags, self.e_diags), (self.num_patterns, self.rho)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @jax.jit
+    def matvec_F(self, vec):
+        """F u = sum_i D_i X (v_i - w_i) for one class: (n,)."""
+        Xdiff = self.X @ (vec[0, :, :] - vec[1, :, :])
+        return (self.d_diags * Xdiff).sum(axis=1)
+
+    @jax.jit
+    def rmatvec_Fi(self, i, vec):
+        """X^T D_i vec."""
+        return self.X.T @ (self.d_diags[:, i] * vec)
+
+    @jax.jit
+    def rmatvec_F(self, vec):
+        """F^T vec for one class: (2, d, P)."""
+        out = jnp.zeros((2, self.X.shape[1], self.num_patterns))
+        for i in range(self.num_patterns):
+            column = self.rmatvec_Fi(i, vec)
+            out = out.at[0, :, i].set(column)
+            out = out.at[1, :, i].set(-column)
+        return out
+
+    @jax.jit
+    def matvec_G(self, vec):
+        """G u = ((2D - I) X v_i, (2D - I) X w_i) for one class: (2, n, P)."""
+        out = jnp.zeros((2, self.X.shape[0], self.num_patterns))
+        out = out.at[0, :, :].set(self.e_diags * (self.X @ vec[0, :, :]))
+        return out.at[1, :, :].set(self.e_diags * (self.X @ vec[1, :, :]))
+
+    @jax.jit
+    def rmatvec_G(self, vec):
+        """G^T vec for one class: (2, d, P)."""
+        out = jnp.zeros((2, self.X.shape[1], self.num_patterns))
+        out = out.at[0, :, :].set(self.X.T @ (self.e_diags * vec[0, :, :]))
+        return out.at[1, :, :].set(self.X.T @ (self.e_diags * vec[1, :, :]))
+
+    @jax.jit
+    def matvec_A(self, vec):
+        """A u for one class."""
+        out = vec + 1 / self.rho * self.rmatvec_F(self.matvec_F(vec))
+        return out + self.rmatvec_G(self.matvec_G(vec))
+
+    def batch(self, name: str, vecs):
+        """Operator `name` on every class of `vecs` (vmapped)."""
+        return jax.vmap(getattr(self, name))(vecs)
 
 
-def _apply_A(X, XT, Dm, rho, u):
-    """(I + F^T F / rho + G^T G) u; G^T G = I (x) X^T X since (2D - I)^2 = I."""
-    Xu = _gemm(X, u)  # (n, B, 2, P)
-    f = jnp.einsum("nbp,np->nb", Xu[:, :, 0] - Xu[:, :, 1], Dm)  # F u
-    fd = (f / rho)[:, :, None] * Dm[:, None, :]
-    return u + _gemm(XT, Xu + jnp.stack([fd, -fd], axis=2))
+@jax.tree_util.register_pytree_node_class
+class _Preconditioner:
+    """jaxcld's Nys_Precond: M u = (S_r + rho) U diag(1 / (S + rho)) U^T u + u - U U^T u."""
+
+    def __init__(self, U, S, d: int, rho: float, num_patterns: int):
+        self.U, self.S, self.d, self.rho, self.num_patterns = U, S, d, rho, num_patterns
+
+    def tree_flatten(self):
+        return (self.U, self.S), (self.d, self.rho, self.num_patterns)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @jax.jit
+    def apply(self, u):
+        """M u for one class's (2, d, P) tensor."""
+        u = jnp.reshape(u, (-1,))
+        Utu = self.U.T @ u
+        u = (self.S[-1] + self.rho) * (self.U @ (Utu / (self.S + self.rho))) + u - self.U @ Utu
+        return jnp.reshape(u, (2, self.d, self.num_patterns))
+
+    def batch_apply(self, vecs):
+        """M on every class."""
+        return jax.vmap(self.apply)(vecs)
 
 
-def _apply_M(U, S, rho, x):
-    """jaxcld's Nys_Precond.apply on every vector of x (d, B, 2, P); U is (d, 2, P, r)."""
-    coef = jnp.einsum("dhpr,dbhp->br", U, x)
-    low = (S[-1] + rho) * jnp.einsum("dhpr,br->dbhp", U, coef / (S + rho))
-    return low + x - jnp.einsum("dhpr,br->dbhp", U, coef)
-
-
-def _nystrom(X, XT, Dm, rho, key, rank: int):
-    """jaxcld's rand_nys_appx of A (rho inside); returns U (d, 2, P, r) and S (r,)."""
-    d, P = X.shape[1], Dm.shape[1]
-    N = 2 * d * P
+def _nystrom(ops: _Operators, rank: int, key) -> _Preconditioner:
+    """jaxcld's rand_nys_appx of A (eager operations, as jaxcld runs them)."""
+    d, P = ops.X.shape[1], ops.num_patterns
     _, subkey = jax.random.split(key)
-    omega = jnp.linalg.qr(jax.random.normal(subkey, (N, rank), dtype=_DTYPE))[0]
-    batch = omega.reshape(2, d, P, rank).transpose(1, 3, 0, 2)  # (d, r, 2, P)
-    Y = _apply_A(X, XT, Dm, rho, batch).transpose(2, 0, 3, 1).reshape(N, rank)
-    shift = jnp.sqrt(jnp.asarray(rank, _DTYPE)) * jnp.asarray(1e-16, _DTYPE) * jnp.linalg.norm(Y)
-    Y = Y + shift * omega
+    omega = jax.random.normal(subkey, (2 * P * d, rank))
+    omega = jnp.linalg.qr(omega)[0]
+    Y = jax.vmap(lambda col: jnp.reshape(ops.matvec_A(jnp.reshape(col, (2, d, P))), (-1,)))(omega.T).T
+    shift = jnp.sqrt(rank) * 10**-16 * (jnp.linalg.norm(Y))
+    Y += shift * omega
     chol = jnp.linalg.cholesky(omega.T @ Y)
     B = solve_triangular(chol, Y.T, lower=True)
     U, S, _ = lax.linalg.svd(B.T, full_matrices=False)
-    S = jax.nn.relu(S**2 - shift)
-    return U.reshape(2, d, P, rank).transpose(1, 0, 2, 3), S
+    return _Preconditioner(U, jax.nn.relu(S**2 - shift), d, ops.rho, P)
+
+
+def _pcg_step(state, ops: _Operators, precond: _Preconditioner):
+    """One PCG iteration on all classes at once; state (x, r, z, p, r.z, k) with the scalars joint over classes."""
+    x, r, _, p, rz, k = state
+    w = ops.batch("matvec_A", p)
+    alpha = rz / jnp.sum(w * p)
+    x = x + alpha * p
+    r = r - alpha * w
+    z = precond.batch_apply(r)
+    rz_new = jnp.sum(r * z)
+    return x, r, z, z + (rz_new / rz) * p, rz_new, k + 1
+
+
+@functools.partial(jax.jit, static_argnames=["iters"])
+def _pcg(b, ops: _Operators, precond: _Preconditioner, iters: int):
+    """jaxcld's _pcg: `iters` PCG iterations from zero, unrolled. Returns (x, r, k) as jaxcld's does: the
+    outputs a program returns steer XLA's fusion, hence its rounding."""
+    z = precond.batch_apply(b)
+    state = (jnp.zeros_like(b), b, z, jnp.copy(z), jnp.sum(b * z), 0)
+    for _ in range(iters):
+        state = _pcg_step(state, ops, precond)
+    return state[0], state[1], state[5]
+
+
+@jax.jit
+def _prox_group_l2(z, beta, gamma):
+    """prox of gamma beta ||.||_2 on every column of a (d, P) block."""
+    norms = jnp.linalg.norm(z, axis=0)
+    return (1 - beta * gamma / jnp.maximum(beta * gamma, norms)) * z
+
+
+def _admm_step(ops: _Operators, precond: _Preconditioner, b_1, iterate, beta: float, gamma: float, pcg_iters: int):
+    """One jaxcld ADMM iteration on (u, v, s, lam, nu); returns the new iterate and G u."""
+    _, v, s, lam, nu = iterate
+    b = b_1 + v - lam + ops.batch("rmatvec_G", s - nu)
+    u, _, _ = _pcg(b, ops, precond, pcg_iters)
+    prox = jax.vmap(lambda Z: _prox_group_l2(Z, beta, 1 / ops.rho))
+    v = v.at[:, 0, :].set(prox(u[:, 0, :] + lam[:, 0, :]))
+    v = v.at[:, 1, :].set(prox(u[:, 1, :] + lam[:, 1, :]))
+    Gu = ops.batch("matvec_G", u)
+    s = jax.nn.relu(Gu + nu)
+    lam += (u - v) * gamma
+    nu += (Gu - s) * gamma
+    return (u, v, s, lam, nu), Gu
+
+
+def _setup(ops: _Operators, Y, rank: int, key):
+    """(preconditioner, b_1 = F^T Y / rho), as jaxcld builds them before its loop."""
+    return _nystrom(ops, rank, key), ops.batch("rmatvec_F", Y.T) / ops.rho
 
 
 # ----------------------------------------------------------------------------------------------
-# PCG (jaxcld's `_pcg`: from zero, fixed iteration count, scalars joint over the whole batch).
-
-
-class _PCGState(NamedTuple):
-    x: jax.Array
-    r: jax.Array
-    z: jax.Array
-    p: jax.Array
-    rz: jax.Array
-
-
-def _pcg_body(state: _PCGState, X, XT, Dm, U, S, rho) -> _PCGState:
-    w = _apply_A(X, XT, Dm, rho, state.p)
-    alpha = state.rz / jnp.sum(w * state.p)
-    x = state.x + alpha * state.p
-    r = state.r - alpha * w
-    z = _apply_M(U, S, rho, r)
-    rz = jnp.sum(r * z)
-    p = z + (rz / state.rz) * state.p
-    return _PCGState(x, r, z, p, rz)
-
-
-def _pcg(b, X, XT, Dm, U, S, rho, iters: int):
-    z = _apply_M(U, S, rho, b)
-    state = _PCGState(jnp.zeros_like(b), b, z, z, jnp.sum(b * z))
-    if iters == 1:  # no loop: keeps XLA's cost analysis of the step exact
-        return _pcg_body(state, X, XT, Dm, U, S, rho).x
-    return lax.fori_loop(0, iters, lambda _, st: _pcg_body(st, X, XT, Dm, U, S, rho), state).x
-
-
-# ----------------------------------------------------------------------------------------------
-# ADMM.
-
-
-class _Carry(NamedTuple):
-    v: jax.Array  # (d, C, 2, P)
-    lam: jax.Array  # (d, C, 2, P)
-    s: jax.Array  # (n, C, 2, P)
-    nu: jax.Array  # (n, C, 2, P)
-    gts: jax.Array  # G^T s
-    gt_rhs: jax.Array  # G^T (s - nu), the slack part of the next right-hand side
+# History: a record of every iterate, computed beside the iteration (it never feeds back into it).
 
 
 def _sq(x):
     return jnp.sum(x * x)
 
 
-def _step(carry: _Carry, X, XT, Dm, Y, b1, U, S, beta, rho, gamma, Xval, yval, pcg_iters: int, with_validation: bool):
-    """One jaxcld ADMM iteration and its history record."""
-    v, lam = carry.v, carry.lam
-    E = 2.0 * Dm - 1.0
-    u = _pcg(b1 + v - lam + carry.gt_rhs, X, XT, Dm, U, S, rho, pcg_iters)
-
-    z = u + lam
-    t = beta / rho
-    norms = jnp.sqrt(jnp.sum(z * z, axis=0, keepdims=True))
-    v_new = (1.0 - t / jnp.maximum(jnp.maximum(t, norms), jnp.finfo(_DTYPE).tiny)) * z
-
-    Gu = E[:, None, None, :] * _gemm(X, u)
-    s_new = jax.nn.relu(Gu + carry.nu)
-    lam_new = lam + (u - v_new) * gamma
-    nu_new = carry.nu + (Gu - s_new) * gamma
-    gt = _gemm(XT, E[:, None, None, :] * jnp.concatenate([s_new, s_new - nu_new], axis=2))  # one GEMM
-    gts_new, gt_rhs_new = gt[:, :, :2], gt[:, :, 2:]
-
-    # History of the v iterate (solver dtype).
-    Xv = _gemm(X, v_new)
+@functools.partial(jax.jit, static_argnames=["with_validation"])
+def _record(X, XT, Dm, Y, u, v_old, v, s, nu, Gu, gts_old, beta, rho, Xval, yval, *, with_validation: bool):
+    """(history record of v, G^T s): objectives, dual bound, residuals and cone violation of the iterate."""
+    u, v_old, v = (jnp.transpose(a, (2, 0, 1, 3)) for a in (u, v_old, v))  # (C, 2, d, P) -> (d, C, 2, P)
+    s, nu, Gu = (jnp.transpose(a, (2, 0, 1, 3)) for a in (s, nu, Gu))  # (C, 2, n, P) -> (n, C, 2, P)
+    E = (2.0 * Dm - 1.0)[:, None, None, :]
+    n, C, _, P = s.shape
+    gts = (XT @ (E * s).reshape(n, -1)).reshape(-1, C, 2, P)
+    Xv = (X @ v.reshape(v.shape[0], -1)).reshape(n, C, 2, P)
     pred = jnp.einsum("ncp,np->nc", Xv[:, :, 0] - Xv[:, :, 1], Dm)
-    relu = jnp.maximum(Xv, 0.0)
-    reg = beta * jnp.sum(jnp.sqrt(jnp.sum(v_new * v_new, axis=0)))
-    Gv = E[:, None, None, :] * Xv
+    reg = beta * jnp.sum(jnp.sqrt(jnp.sum(v * v, axis=0)))
+    Gv = E * Xv
     record = {
         "objective": 0.5 * _sq(pred - Y) + reg,
-        "network_objective": 0.5 * _sq(jnp.sum(relu[:, :, 0] - relu[:, :, 1], axis=-1) - Y) + reg,
-        "dual_bound": dual_bound(XT, Dm, Y, pred - Y, jnp.maximum(-rho * nu_new, 0.0) * E[:, None, None, :], beta),
-        "primal_residual": jnp.sqrt(_sq(u - v_new) + _sq(Gu - s_new)),
-        "dual_residual": rho * jnp.sqrt(_sq(v_new - v + gts_new - carry.gts)),
-        "constraint_violation": jnp.sqrt(_sq(jnp.minimum(Gv, 0.0))) / jnp.maximum(jnp.sqrt(_sq(Gv)), jnp.finfo(_DTYPE).tiny),
-        "pcg_iterations": jnp.asarray(pcg_iters, jnp.int32),
-        "rho": rho,
+        "network_objective": 0.5 * _sq(jnp.sum(jnp.maximum(Xv[:, :, 0], 0) - jnp.maximum(Xv[:, :, 1], 0), axis=-1) - Y)
+        + reg,
+        "dual_bound": dual_bound(XT, Dm, Y, pred - Y, jnp.maximum(-rho * nu, 0.0) * E, beta),
+        "primal_residual": jnp.sqrt(_sq(u - v) + _sq(Gu - s)),
+        "dual_residual": rho * jnp.sqrt(_sq(v - v_old + gts - gts_old)),
+        "constraint_violation": jnp.sqrt(_sq(jnp.minimum(Gv, 0.0))) / jnp.maximum(jnp.sqrt(_sq(Gv)),
+                                                                                 jnp.finfo(_DTYPE).tiny),
     }
     if with_validation:
         # Theorem-1 network, as jaxcld's get_ncvx_weights + stacked_predict: relu(X W1) W2.
-        col = jnp.sqrt(jnp.sqrt(jnp.sum(v_new * v_new, axis=0)))  # (C, 2, P) sqrt ||v_i||, sqrt ||w_i||
-        hidden = jnp.where(col > 0, v_new / jnp.where(col > 0, col, 1.0), 0.0)
+        col = jnp.sqrt(jnp.sqrt(jnp.sum(v * v, axis=0)))  # (C, 2, P) sqrt ||v_i||, sqrt ||w_i||
+        hidden = jnp.where(col > 0, v / jnp.where(col > 0, col, 1.0), 0.0)
         outer = col * jnp.asarray([1.0, -1.0], _DTYPE)[None, :, None]
-        scores = jnp.einsum("mchp,chp->mc", jax.nn.relu(_gemm(Xval, hidden)), outer)
+        Xh = (Xval @ hidden.reshape(hidden.shape[0], -1)).reshape(-1, C, 2, P)
+        scores = jnp.einsum("mchp,chp->mc", jax.nn.relu(Xh), outer)
         record["val_accuracy"] = jnp.mean((jnp.argmax(scores, axis=1) == yval).astype(_DTYPE))
-    return _Carry(v_new, lam_new, s_new, nu_new, gts_new, gt_rhs_new), record
+    return record, gts
 
 
-def _initial_carry(n, d, C, P, statics: _Statics) -> _Carry:
-    zeros_w = jnp.zeros((d, C, 2, P), _DTYPE)
-    zeros_s = jnp.zeros((n, C, 2, P), _DTYPE)
-    if statics.row_sharding is not None:
-        zeros_s = lax.with_sharding_constraint(zeros_s, statics.row_sharding)
-    return _Carry(zeros_w, zeros_w, zeros_s, zeros_s, zeros_w, zeros_w)
+@contextlib.contextmanager
+def _compile_time():
+    """Collects the seconds XLA spends compiling inside the block (JAX's backend-compile events)."""
+    seconds = [0.0]
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seconds[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def _jaxcld_setup(X, XT, Dm, Y, rho, key, *, statics: _Statics):
-    U, S = _nystrom(X, XT, Dm, rho, key, statics.rank)
-    fty = features_times_patterns(XT, Dm, Y) / rho
-    return U, S, jnp.stack([fty, -fty], axis=2)
+def _count_flops(ops, Y, key, b_1, precond, iterate, config: JaxcldConfig, beta, pcg_iterations) -> dict:
+    """XLA cost analysis of jitted copies of the setup, one ADMM step with one PCG iteration, and one PCG
+    iteration (XLA counts a loop body once; these programs are loop-free)."""
 
+    def cost(fn, *args):
+        return _flops_of(jax.jit(fn).lower(*args).compile())
 
-def _jaxcld_solve(X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval, *, statics: _Statics):
-    U, S, b1 = _jaxcld_setup(X, XT, Dm, Y, rho, key, statics=statics)
-    carry = _initial_carry(X.shape[0], X.shape[1], Y.shape[1], Dm.shape[1], statics)
-
-    def body(carry, _):
-        return _step(carry, X, XT, Dm, Y, b1, U, S, beta, rho, gamma, Xval, yval, statics.pcg_iters, statics.with_validation)
-
-    carry, history = lax.scan(body, carry, None, length=statics.admm_iters)
-    return carry.v, history, S
-
-
-# FLOP counting: loop-free executables (XLA's cost analysis counts a loop body once).
-
-
-def _jaxcld_step_once(X, XT, Dm, Y, b1, U, S, v, lam, s, nu, gts, gt_rhs, beta, rho, gamma, Xval, yval, *, statics):
-    """One ADMM step with a single PCG iteration."""
-    return _step(_Carry(v, lam, s, nu, gts, gt_rhs), X, XT, Dm, Y, b1, U, S, beta, rho, gamma, Xval, yval, 1,
-                 statics.with_validation)
-
-
-def _jaxcld_pcg_iteration(X, XT, Dm, U, S, rho, x, r, z, p, rz, *, statics):
-    """One PCG iteration."""
-    return _pcg_body(_PCGState(x, r, z, p, rz), X, XT, Dm, U, S, rho)
-
-
-def _count_flops(X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval, statics: _Statics, pcg_iterations) -> dict:
-    setup_args = (X, XT, Dm, Y, rho, key)
-    setup_exe, _ = _compiled(_jaxcld_setup, statics, setup_args)
-    U, S, b1 = setup_exe(*setup_args)
-    carry = _initial_carry(X.shape[0], X.shape[1], Y.shape[1], Dm.shape[1], statics._replace(row_sharding=None))
-    if statics.row_sharding is not None:
-        carry = carry._replace(s=_place(carry.s, statics.row_sharding),
-                               nu=_place(carry.nu, statics.row_sharding))
-    step_exe, _ = _compiled(_jaxcld_step_once, statics, (X, XT, Dm, Y, b1, U, S) + tuple(carry) + (beta, rho, gamma, Xval, yval))
-    pcg_args = (X, XT, Dm, U, S, rho, b1, b1, b1, b1, jnp.asarray(1.0, _DTYPE))
-    pcg_exe, _ = _compiled(_jaxcld_pcg_iteration, statics, pcg_args)
-    setup, step_once, pcg_body = _flops_of(setup_exe), _flops_of(step_exe), _flops_of(pcg_exe)
-    admm_iterations = len(pcg_iterations)
-    pcg_total = int(np.sum(pcg_iterations))
-    outside = step_once - pcg_body
+    setup = cost(lambda o, y, k: _setup(o, y, config.rank, k), ops, Y, key)
+    step_once = cost(lambda o, m, b, it: _admm_step(o, m, b, it, beta, config.gamma, 1), ops, precond, b_1, iterate)
+    state = (b_1, b_1, b_1, b_1, jnp.asarray(1.0, _DTYPE), 0)
+    pcg_body = cost(_pcg_step, state, ops, precond)
+    admm_iterations, pcg_total = len(pcg_iterations), int(np.sum(pcg_iterations))
     return {
-        "total": setup + admm_iterations * outside + pcg_total * pcg_body,
+        "total": setup + admm_iterations * (step_once - pcg_body) + pcg_total * pcg_body,
         "setup": setup,
-        "per_admm_step_excluding_pcg": outside,
+        "per_admm_step_excluding_pcg": step_once - pcg_body,
         "per_pcg_iteration": pcg_body,
         "admm_iterations": admm_iterations,
         "pcg_iterations": pcg_total,
@@ -308,7 +338,7 @@ def _count_flops(X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval, statics: _Stat
 
 def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, mesh: Mesh | None = None,
                  rows_axis: str | None = "data") -> SolveResult:
-    """Runs jaxcld 0.2.4's `admm` on a ConvexReLU program; iterates equal jaxcld's up to float32 rounding.
+    """Runs jaxcld 0.2.4's `admm` on a ConvexReLU program; on one device its iterates are jaxcld's bit for bit.
 
     Args:
       problem: `cronos.ConvexReLU` (GatedReLU is refused: jaxcld's ADMM solves the cone-constrained program).
@@ -317,9 +347,12 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
       validation: optional (X_val, y_val) with integer labels; fills history["val_accuracy"] with the accuracy
         of the Theorem-1 network after every iteration (jaxcld's metrics["val_acc"]).
       mesh, rows_axis: optional mesh whose `rows_axis` (None: replicated) the rows of X, D and Y are sharded over
-        (zero rows pad n); as in `cronos.solve`, on several processes the data is the full data on every one.
+        (zero rows pad n; sharded sums round differently, so there the match is to float32 rounding); as in
+        `cronos.solve`, on several processes the data is the full data on every one.
     Usually called as `cronos.solve(problem, JaxcldConfig(...), key=key)`. `nystrom_eigvals` of the result are
     jaxcld's S: the sketched eigenvalues of the full operator A = I + F^T F / rho + G^T G (so >= 1).
+    compile_seconds is XLA's compilation time during the call (0 once every program is cached); run_seconds
+    the rest of the wall time.
     """
     if isinstance(problem, GatedReLU):
         raise ValueError(  # noqa: TRY004 (a valid problem, the wrong program for this mode)
@@ -335,36 +368,45 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
                          f"operator; use rank <= {2 * d * P}.")
     key = jax.random.key(0) if key is None else key
 
-    X = problem.X.astype(_DTYPE)
-    Dm = problem.patterns.astype(_DTYPE)
-    Y = problem.Y.astype(_DTYPE)
-    X, Dm, Y = _pad_rows(mesh, rows_axis, X, Dm, Y)
-
+    X, Dm, Y = _pad_rows(mesh, rows_axis, *(a.astype(_DTYPE) for a in (problem.X, problem.patterns, problem.Y)))
     Xval = yval = None
     if validation is not None:
         Xval, yval = check_validation(validation, problem)
         Xval, yval = jnp.asarray(Xval.astype(_DTYPE)), jnp.asarray(yval.astype(np.int32))
+    X, XT, Dm, Y, _ = place_rows(mesh, rows_axis, X, Dm, Y)
+    # jaxcld's Python scalars, as its admm receives them (rho and 1/rho are computed in double precision).
+    rho, beta, gamma = float(config.rho), float(problem.beta), float(config.gamma)
+    n, C = Y.shape
 
-    X, XT, Dm, Y, row_sharding = place_rows(mesh, rows_axis, X, Dm, Y)
+    with _compile_time() as compile_seconds:
+        start = time.perf_counter()
+        ops = _Operators(X, Dm, 2 * Dm - 1, P, rho)
+        precond, b_1 = _setup(ops, Y, config.rank, key)
+        iterate = (None, jnp.zeros((C, 2, d, P)), jnp.zeros((C, 2, n, P)), jnp.zeros((C, 2, d, P)),
+                   jnp.zeros((C, 2, n, P)))
+        gts = jnp.zeros((d, C, 2, P), _DTYPE)
+        records = []
+        for _ in range(config.admm_iters):
+            v_old = iterate[1]
+            iterate, Gu = _admm_step(ops, precond, b_1, iterate, beta, gamma, config.pcg_iters)
+            u, v, s, _, nu = iterate
+            record, gts = _record(X, XT, Dm, Y, u, v_old, v, s, nu, Gu, gts, beta, rho, Xval, yval,
+                                  with_validation=validation is not None)
+            records.append(record)
+        jax.block_until_ready(iterate)
+        wall = time.perf_counter() - start
 
-    statics = _Statics(rank=int(config.rank), admm_iters=int(config.admm_iters), pcg_iters=int(config.pcg_iters),
-                       with_validation=validation is not None, row_sharding=row_sharding)
-    beta, rho, gamma = (jnp.asarray(x, _DTYPE) for x in (problem.beta, config.rho, config.gamma))
-    args = (X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval)
-    executable, compile_seconds = _compiled(_jaxcld_solve, statics, args)
-    start = time.perf_counter()
-    v, history, S = executable(*args)
-    jax.block_until_ready(v)
-    run_seconds = time.perf_counter() - start
-
-    v, (history, S) = _local(v), jax.tree.map(_to_host, (history, S))
-    v = jnp.transpose(v, (1, 2, 0, 3))  # (C, 2, d, P)
+    history = {name: np.stack([_to_host(r[name]) for r in records]) for name in records[0]}
+    history["pcg_iterations"] = np.full(config.admm_iters, config.pcg_iters, np.int32)
+    history["rho"] = np.full(config.admm_iters, rho, _DTYPE)
+    v = _local(iterate[1])
+    first_iterate = (None,) + tuple(jnp.zeros_like(a) for a in iterate[1:])
 
     def count_flops(pcg_iterations):
-        return _count_flops(X, XT, Dm, Y, beta, rho, gamma, key, Xval, yval, statics, pcg_iterations)
+        return _count_flops(ops, Y, key, b_1, precond, first_iterate, config, beta, pcg_iterations)
 
     return SolveResult(
         v=v[:, 0], w=v[:, 1], history=history, iterations=int(config.admm_iters), converged=False,
-        rho=float(config.rho), compile_seconds=compile_seconds, run_seconds=run_seconds,
-        nystrom_eigvals=S, gates=problem.gates, has_cone=True, _flop_counter=count_flops,
+        rho=rho, compile_seconds=compile_seconds[0], run_seconds=wall - compile_seconds[0],
+        nystrom_eigvals=_to_host(precond.S), gates=problem.gates, has_cone=True, _flop_counter=count_flops,
     )

@@ -2,10 +2,10 @@
 
 jaxcld is imported directly: a missing reference must fail the suite, not skip it.
 
-Test problems are chosen where jaxcld's float32 iteration is reproducible at all. With many PCG iterations
-per solve, jaxcld's own output moves by far more than 1e-4 under a pure rounding change (e.g. toggling an XLA
-CPU fusion pass changes it by ~6e-3 on n = 1000, d = 128, P = 16 embedding-like data), so no independent
-float32 implementation can agree with it more closely there; on the problems below it moves by < 2e-5.
+On one device the mode's iterates must equal jaxcld's bit for bit, including on embedding-like data (a large
+shared mean, a power-law spectrum) where jaxcld's float32 iteration amplifies rounding: there an independent
+vectorised implementation of the same iteration differed from jaxcld by ~3e-2 relative, so only the same
+operations in the same order can meet the contract's 1e-4.
 """
 
 from __future__ import annotations
@@ -55,35 +55,44 @@ def _jaxcld(X, y, D, C, beta, config, key, X_val=None, y_val=None):
     return v[:, 0], v[:, 1], metrics
 
 
-def _assert_close(ours, theirs, name):
+def _embedding_like(n, d, P, C, seed=0, n_val=200):
+    """Pooled-embedding-shaped data: a shared mean of norm ~3 sqrt(d) and a power-law spectrum."""
+    rng = np.random.default_rng(seed)
+    mean = 3 * rng.standard_normal(d)
+    scale = 5 * np.arange(1, d + 1) ** -0.5
+    X, X_val = ((rng.standard_normal((m, d)) * scale + mean).astype(np.float32) for m in (n, n_val))
+    y, y_val = rng.integers(0, C, n), rng.integers(0, C, n_val)
+    D = np.asarray(cronos.sample_patterns(jax.random.key(seed + 1), X, P))
+    return X, y, D, X_val, y_val
+
+
+def _assert_equal(ours, theirs, name):
     ours, theirs = np.asarray(ours), np.asarray(theirs)
     assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
     relative = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
-    assert relative <= 1e-4, f"{name}: ||ours - jaxcld|| / ||jaxcld|| = {relative:.3g}"
-    np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=2e-4 * np.abs(theirs).max(), err_msg=name)
+    assert np.array_equal(ours, theirs), f"{name}: not bitwise equal; ||ours - jaxcld|| / ||jaxcld|| = {relative:.3g}"
 
 
 CASES = [
-    # n, d, P, C, beta, config, key
-    pytest.param(500, 32, 16, 2, 1e-3, CONTRACT, jax.random.key(7), id="contract-n500"),
-    pytest.param(300, 16, 8, 2, 1e-2, CONTRACT, jax.random.PRNGKey(3), id="contract-n300-raw-key"),
-    pytest.param(200, 40, 6, 3, 1e-2, cronos.JaxcldConfig(rank=10, admm_iters=4, pcg_iters=10, rho=0.5, gamma=1.2),
+    # data, n, d, P, C, beta, config, key
+    pytest.param(_embedding_like, 600, 64, 8, 2, 1e-3, CONTRACT, jax.random.key(7), id="contract-embedding-like"),
+    pytest.param(_data, 200, 40, 6, 3, 1e-2, cronos.JaxcldConfig(rank=10, admm_iters=4, pcg_iters=10, rho=0.5, gamma=1.2),
                  jax.random.key(11), id="3-classes"),
-    pytest.param(60, 100, 4, 2, 1e-2, cronos.JaxcldConfig(rank=12, admm_iters=4, pcg_iters=8, rho=1.0),
-                 jax.random.key(5), id="n-below-d"),
+    pytest.param(_data, 60, 100, 4, 2, 1e-2, cronos.JaxcldConfig(rank=12, admm_iters=4, pcg_iters=8, rho=1.0),
+                 jax.random.PRNGKey(5), id="n-below-d-raw-key"),
 ]
 
 
-@pytest.mark.parametrize("n,d,P,C,beta,config,key", CASES)
-def test_iterates_and_val_accuracy_equal_jaxcld(n, d, P, C, beta, config, key):
-    X, y, D, X_val, y_val = _data(n, d, P, C)
+@pytest.mark.parametrize("data,n,d,P,C,beta,config,key", CASES)
+def test_iterates_and_val_accuracy_equal_jaxcld(data, n, d, P, C, beta, config, key):
+    X, y, D, X_val, y_val = data(n, d, P, C)
     v_ref, w_ref, metrics = _jaxcld(X, y, D, C, beta, config, key, X_val, y_val)
     problem = cronos.ConvexReLU(X, y, patterns=D, beta=beta)
     result = cronos.solve(problem, config, key=key, validation=(X_val, y_val))
 
     assert result.v.shape == result.w.shape == (C, d, P)
-    _assert_close(result.v, v_ref, "v")
-    _assert_close(result.w, w_ref, "w")
+    _assert_equal(result.v, v_ref, "v")
+    _assert_equal(result.w, w_ref, "w")
     # jaxcld's metrics["val_acc"]: the Theorem-1 network after every ADMM iteration.
     np.testing.assert_allclose(result.history["val_accuracy"], np.asarray(metrics["val_acc"]), rtol=0, atol=1e-6)
 

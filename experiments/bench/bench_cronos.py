@@ -305,9 +305,10 @@ def _fixed_lines(rows):
         "",
         f"{rounds} rounds per size, each solver in a fresh process per round, the order of the three alternating "
         "from round to round; walls are median (min-max) over the rounds, speed-ups are ratios within a round, "
-        "median (min-max). 'jaxcld mode' is `cronos.solve(problem, cronos.JaxcldConfig(...), key)`, the "
-        "reimplementation of jaxcld's own iterates; 'difference' is ||(v, w) - jaxcld's|| / ||jaxcld's|| (round 1; "
-        "every solver is deterministic). Objectives and validation accuracies are round 1's.",
+        "median (min-max). 'jaxcld mode' is `cronos.solve(problem, cronos.JaxcldConfig(...), key)`, which issues "
+        "jaxcld's operations in jaxcld's order; 'difference' is ||(v, w) - jaxcld's|| / ||jaxcld's|| (round 1; "
+        "every solver is deterministic; 0 means bit-for-bit equal). Objectives and validation accuracies are "
+        "round 1's.",
         "",
         "| n | jaxcld wall (s) | cronos wall (s) | cronos compile (s) | speed-up | jaxcld mode wall (s) | jaxcld mode speed-up "
         "| jaxcld objective | cronos objective | jaxcld mode objective | jaxcld mode difference | jaxcld val acc | cronos val acc "
