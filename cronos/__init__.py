@@ -22,6 +22,7 @@ from cronos.jaxcld_mode import JaxcldConfig
 from cronos.problems import (
     ConvexReLU,
     GatedReLU,
+    certified_lower_bound,
     constraint_violation,
     encode_targets,
     network_objective,
@@ -39,6 +40,7 @@ __all__ = [
     "NotFittedError",
     "NonFiniteIterateError",
     "SolveResult",
+    "certified_lower_bound",
     "constraint_violation",
     "default_config",
     "enable_compilation_cache",

@@ -361,6 +361,30 @@ def test_duality_gap_stopping_brackets_the_cvxpy_optimum():
     assert reference - result.lower_bound <= 1.1e-3 * reference
 
 
+@pytest.mark.parametrize("n,d,C,separation", [(200, 100, 2, 0.3), (150, 60, 3, 0.5)])
+def test_certified_lower_bound_is_valid_and_tight_at_the_cvxpy_optimum(n, d, C, separation):
+    X, Y, D = _low_resource(n, d, 8, C, separation=separation)
+    beta = 1e-2
+    reference, weights = cvxpy_optimum(X, Y, D, beta, True, tol=1e-9)
+    problem = cronos.ConvexReLU(X, Y, patterns=D, beta=beta)
+    v, w = np.stack([a for a, _ in weights]), np.stack([b for _, b in weights])
+    # At CVXPY's solution the refined cone multipliers make the bound tight; without them it is far off.
+    assert reference * (1 - 1e-5) <= cronos.certified_lower_bound(problem, v, w) <= reference * (1 + 1e-9)
+    assert cronos.certified_lower_bound(problem, v, w, steps=0) <= 0.9 * reference
+    # Below the optimum whatever the weights: a tolerance-mode iterate, random weights, the gated program.
+    result = cronos.solve(problem, tol=1e-4, key=jax.random.key(0))
+    assert cronos.certified_lower_bound(problem, result.v, result.w) <= reference * (1 + 1e-9)
+    rng = np.random.default_rng(1)
+    assert cronos.certified_lower_bound(problem, 0.1 * rng.standard_normal(v.shape),
+                                        0.1 * rng.standard_normal(w.shape)) <= reference * (1 + 1e-9)
+    gated_reference, gated_weights = cvxpy_optimum(X, Y, D, beta, False, tol=1e-9)
+    gated = cronos.GatedReLU(X, Y, patterns=D, beta=beta)
+    gated_bound = cronos.certified_lower_bound(gated, np.stack([a for a, _ in gated_weights]))
+    assert gated_reference * (1 - 1e-5) <= gated_bound <= gated_reference * (1 + 1e-9)
+    with pytest.raises(ValueError, match="steps"):
+        cronos.certified_lower_bound(problem, v, w, steps=-1)
+
+
 def test_embedding_scale_data_does_not_diverge_in_float32():
     """Large-norm anisotropic n ~ d embeddings (issue 16: NaN weights on real whisper-base embeddings)."""
     X, Y, D = _low_resource(36, 48, 6, 3, mean_norm=90.0)
