@@ -27,9 +27,11 @@ I + X^T X of large-norm embeddings is not representable in float32 and the itera
 stops on relative primal/dual residuals (or, with `gap_tol`, on the duality gap), over-relaxes with
 alpha = 1.6, runs its first 100 iterations at a small rho (0.01), where the objective falls fastest, and
 then balances rho against the residuals every 5 iterations (duals rescaled, solves refreshed for free).
-The a-system is solved either by PCG (inexact, tolerance tightening as 0.1 / (k + 1)^2, warm-started) or,
-for n up to DIRECT_MAX_SAMPLES, exactly by Woodbury through one eigendecomposition of the n x n matrix
-F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T) (`linear_solver="direct"`, the default path there).
+The a-system is solved either by PCG (inexact and warm-started; its relative tolerance is
+PCG_RESIDUAL_FACTOR times the previous iteration's larger relative ADMM residual, so PCG works hard only once
+ADMM is close) or exactly by Woodbury through one eigendecomposition of the n x n matrix
+F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T) (`linear_solver="direct"`; `default_config` picks it up to
+n = max(DIRECT_MAX_SAMPLES, min(DIRECT_HARD_MAX, DIRECT_SAMPLES_PER_ROOT_FEATURE * sqrt(d)))).
 Every iteration records the objective, the network objective (the regularised loss of the ReLU network
 the iterate defines) and a certified dual lower bound (`problems.dual_bound`, from the residual and the
 cone multipliers -rho * nu). A non-finite iterate stops the loop and raises `NonFiniteIterateError`.
@@ -294,6 +296,7 @@ class _State(NamedTuple):
     converged: jax.Array
     finite: jax.Array  # every iterate so far finite
     best_bound: jax.Array  # largest dual bound so far (each one is a valid lower bound)
+    residual: jax.Array  # max(relative primal, relative dual residual) of the previous iteration
     history: dict
 
 
@@ -329,7 +332,8 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     if statics.tol is None:
         rtol = floor
     else:
-        rtol = jnp.maximum(jnp.maximum(floor, 0.01 * statics.tol), 0.1 / (k + 1.0) ** 2)
+        rtol = jnp.maximum(jnp.maximum(floor, 0.01 * statics.tol),
+                           jnp.minimum(0.1, PCG_RESIDUAL_FACTOR * state.residual))
     if statics.linear_solver == "direct":
         a = _direct_solve(st, X, XT, Dm, rhs_a, rho / kappa, statics.has_cone)
         pcg_iterations = jnp.zeros((), jnp.int32)
@@ -411,9 +415,11 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     best_bound = jnp.maximum(state.best_bound, jnp.where(jnp.isfinite(bound), bound, -jnp.inf))
     converged = jnp.asarray(False)
     rho_new = rho
+    residual = state.residual
     if statics.tol is not None:
         pri_rel = primal / jnp.maximum(pri_scale, tiny)
         dual_rel = dual / jnp.maximum(dual_scale, tiny)
+        residual = jnp.maximum(pri_rel, dual_rel).astype(dtype)
         converged = (pri_rel <= statics.tol) & (dual_rel <= statics.tol)
         if statics.gap_tol is not None:
             gap_rel = (objective - best_bound) / jnp.maximum(jnp.abs(objective), tiny)
@@ -431,7 +437,7 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
 
     return _State(
         k=k + 1, u=u, v=v_new, lam=lam_new, s=s_new, nu=nu_new, gts=gts_new, gtnu=gtnu_new, a=a,
-        rho=rho_new, converged=converged, finite=finite, best_bound=best_bound, history=history,
+        rho=rho_new, converged=converged, finite=finite, best_bound=best_bound, residual=residual, history=history,
     )
 
 
@@ -456,7 +462,8 @@ def _initial_state(X, Y, Dm, rho, statics: _Statics) -> _State:
     return _State(
         k=jnp.asarray(0, jnp.int32), u=zeros_w, v=zeros_w, lam=zeros_w, s=s, nu=nu, gts=gts, gtnu=gtnu,
         a=jnp.zeros((d, C, P), dtype), rho=jnp.asarray(rho, dtype), converged=jnp.asarray(False),
-        finite=jnp.asarray(True), best_bound=jnp.asarray(-jnp.inf, dtype), history=history,
+        finite=jnp.asarray(True), best_bound=jnp.asarray(-jnp.inf, dtype), residual=jnp.asarray(1.0, dtype),
+        history=history,
     )
 
 
@@ -645,15 +652,24 @@ def _local(x: jax.Array) -> jax.Array:
     return x if x.is_fully_addressable else jnp.asarray(_to_host(x))
 
 
-DIRECT_MAX_SAMPLES = 2048  # n above which the O(n^3) setup of the direct solve costs more than PCG saves
+# The direct solve's O(n^3) setup against PCG's O(n d) per step: direct pays while n^2 <~ d x (ADMM iterations).
+# Measured on 2 cores (fp32, P = 64, C = 2, tol 1e-4, ~500-600 ADMM iterations to converge): n = 3000, d = 256:
+# direct 44 s, PCG 72 s; n = 5000, d = 768: direct 127 s, PCG 223 s. The eigendecomposition grows as n^3
+# (3 s at n = 3000, 23 s at 6000, 112 s at 10,000), so it is capped at DIRECT_HARD_MAX.
+DIRECT_MAX_SAMPLES = 2048  # always direct up to here
+DIRECT_SAMPLES_PER_ROOT_FEATURE = 400  # beyond it, direct while n <= 400 sqrt(d) ...
+DIRECT_HARD_MAX = 8192  # ... and never above this n
+PCG_RESIDUAL_FACTOR = 0.03  # PCG relative tolerance = this x the previous relative ADMM residual (capped at 0.1)
 
 
 def default_config(problem: ConvexReLU | GatedReLU, tol: float = 1e-4, dtype: str = "float32",
                    max_iters: int = 3000) -> ADMMConfig:
     """The fast exact path for this problem's shape: tolerance-mode ADMM on scaled data (`scale_data`), with the
-    exact Woodbury u-solve up to n = DIRECT_MAX_SAMPLES (one n x n eigendecomposition, then every iteration is
-    a few GEMMs and never inexact) and Nyström PCG beyond."""
-    direct = problem.num_samples <= DIRECT_MAX_SAMPLES
+    exact Woodbury u-solve (one n x n eigendecomposition, then every iteration is a few GEMMs and never inexact)
+    up to n = max(DIRECT_MAX_SAMPLES, min(DIRECT_HARD_MAX, DIRECT_SAMPLES_PER_ROOT_FEATURE * sqrt(d))), Nyström PCG
+    beyond."""
+    n, d = problem.num_samples, problem.num_features
+    direct = n <= max(DIRECT_MAX_SAMPLES, min(DIRECT_HARD_MAX, DIRECT_SAMPLES_PER_ROOT_FEATURE * d**0.5))
     return ADMMConfig(tol=tol, admm_iters=max_iters, pcg_iters=50, dtype=dtype,
                       linear_solver="direct" if direct else "pcg")
 
