@@ -30,8 +30,8 @@ then balances rho against the residuals every 5 iterations (duals rescaled, solv
 The a-system is solved either by PCG (inexact and warm-started; its relative tolerance is
 PCG_RESIDUAL_FACTOR times the previous iteration's larger relative ADMM residual, so PCG works hard only once
 ADMM is close) or exactly by Woodbury through one eigendecomposition of the n x n matrix
-F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T) (`linear_solver="direct"`; `default_config` picks it up to
-n = max(DIRECT_MAX_SAMPLES, min(DIRECT_HARD_MAX, DIRECT_SAMPLES_PER_ROOT_FEATURE * sqrt(d)))).
+F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T) (`linear_solver="direct"`; `default_config` picks it up to an n
+that grows as sqrt(d), see DIRECT_MAX_SAMPLES).
 Every iteration records the objective, the network objective (the regularised loss of the ReLU network
 the iterate defines) and a certified dual lower bound (`problems.dual_bound`, from the residual and the
 cone multipliers -rho * nu). A non-finite iterate stops the loop and raises `NonFiniteIterateError`.

@@ -233,7 +233,7 @@ def test_sharded_equals_unsharded_on_8_devices():
             (cronos.ConvexReLU, cronos.ADMMConfig(), 1e-3),
             (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-4, admm_iters=500), 1e-3),
             (cronos.ConvexReLU, cronos.ADMMConfig(admm_iters=30, pcg_iters=50, dtype="float64"), 1e-8),
-            # Tolerance-mode PCG stops at 0.03 x the ADMM residual, so a rounding difference can move one PCG
+            # Tolerance-mode PCG stops at a fraction of the ADMM residual, so a rounding difference can move one PCG
             # stop by an iteration (here from iteration ~770 on): the iterates then agree to the inexact solve's
             # accuracy (1.9e-7 after 3000 iterations), not to float64 rounding.
             (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64"), 1e-6),

@@ -263,13 +263,17 @@ def main(argv):
     with tempfile.TemporaryDirectory() as tmp:
         rows = [_run_cell(tmp, i, cell) for i, cell in enumerate(cells)]
     import importlib.metadata
+
+    from cronos import admm
+    direct_rule = (f"n <= max({admm.DIRECT_MAX_SAMPLES}, min({admm.DIRECT_HARD_MAX}, "
+                   f"{admm.DIRECT_SAMPLES_PER_ROOT_FEATURE} sqrt(d)))")
     lines = [
         "# cronos vs pyscnn: regime grid",
         "",
         f"pyscnn {importlib.metadata.version('pyscnn')} `AL(tol={_PYSCNN_TOL.value:g})` (other settings default, "
         f"`unitize_data=False`, capped at {_PYSCNN_MAX_SECONDS.value:g} s) against cronos's default exact path "
         f"`cronos.solve(problem, tol={_TOL.value:g})` (`cronos.default_config`: tolerance-mode ADMM on unit-spectral-norm "
-        "data, direct Woodbury u-solve for n <= max(2048, min(8192, 400 sqrt(d))), Nystrom PCG above), at most "
+        f"data, direct Woodbury u-solve for {direct_rule}, Nystrom PCG above), at most "
         f"{_CRONOS_MAX_ITERS.value} iterations ({_LARGE_N_ITERS.value} for n > 5000). P = {_PATTERNS.value} gates "
         f"`cronos.sample_gates(key(1), d, P)` for both, beta = {_BETA.value:g}, one-vs-all one-hot targets. "
         "pyscnn's objective is ours / (nC) with lambda = beta / (nC): the same program.",
