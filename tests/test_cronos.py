@@ -93,7 +93,7 @@ def test_any_starting_rho_converges(rho):
 def test_rho_is_held_during_warmup_then_balanced():
     X, Y, D = _data(120, 6, 6, 2)
     problem = cronos.ConvexReLU(X, Y, patterns=D, beta=1e-2)
-    assert cronos.ADMMConfig().effective_rho == 0.1 and cronos.ADMMConfig(tol=1e-3).effective_rho == 0.01
+    assert cronos.ADMMConfig().effective_rho == 0.1 and cronos.ADMMConfig(tol=1e-3).effective_rho == 0.001
     config = cronos.ADMMConfig(rho=1e-3, tol=1e-12, admm_iters=60, rho_warmup=20)  # far too small a rho
     rho = cronos.solve(problem, config, key=jax.random.key(0)).history["rho"]
     np.testing.assert_allclose(rho[:20], 1e-3, rtol=1e-6)
@@ -388,15 +388,40 @@ def test_certified_lower_bound_is_valid_and_tight_at_the_cvxpy_optimum(n, d, C, 
         cronos.certified_lower_bound(problem, v, w, steps=-1)
 
 
-def test_embedding_scale_data_does_not_diverge_in_float32():
-    """Large-norm anisotropic n ~ d embeddings (issue 16: NaN weights on real whisper-base embeddings)."""
-    X, Y, D = _low_resource(36, 48, 6, 3, mean_norm=90.0)
-    beta = 1e-2
+def _embedding_like(n, d, C, P, seed=0):
+    """Rows like real mean-pooled encoder embeddings (whisper-base: every row ~ a shared mean 20x the per-row
+    spread, centred spectrum decaying ~ 1/i, n ~ d so the smallest singular values are tiny), classes
+    separated along the leading directions."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    spectrum = 1.0 / (1.0 + np.arange(d))
+    X = (rng.standard_normal((n, d)) * spectrum + (rng.standard_normal((C, d)) * spectrum)[y]) @ basis.T
+    spread = np.sqrt(np.mean(np.sum((X - X.mean(axis=0)) ** 2, axis=1)))
+    shared = rng.standard_normal(d)
+    X = 5.0 * (X + 20.0 * spread * shared / np.linalg.norm(shared))
+    D = np.asarray(cronos.sample_patterns(jax.random.key(4), X, P))
+    return X, cronos.encode_targets(y, C), D
+
+
+def test_embedding_like_float32_reaches_the_cvxpy_optimum():
+    """Issue 16: on real whisper-base embeddings the float32 direct solve lost every digit at small rho (the
+    Woodbury cancellation of its 1/rho data term, and X^T X squaring the tiny singular values): the iteration
+    oscillated for thousands of iterations (unscaled, it went to NaN), and at rho = 0.001 it ended at 10^4 x the
+    optimum. The default path (rho = 0.01 for 100 iterations then) stopped at 3.5 x the optimum."""
+    X, Y, D = _embedding_like(160, 192, 3, 8)
+    beta = 1e-3
     reference, _ = cvxpy_optimum(X, Y, D, beta, True, tol=1e-8)
     problem = cronos.ConvexReLU(X, Y, patterns=D, beta=beta)
-    result = cronos.solve(problem, tol=1e-5, key=jax.random.key(0))
-    assert np.isfinite(np.asarray(result.v)).all() and np.isfinite(np.asarray(result.w)).all()
-    assert abs(cronos.objective(problem, result.v, result.w) - reference) <= 2e-2 * reference
+    default = cronos.solve(problem, tol=1e-4, key=jax.random.key(0))
+    assert default.converged and default.iterations < 1000, default.iterations
+    assert abs(cronos.objective(problem, default.v, default.w) - reference) <= 0.1 * reference
+    assert cronos.constraint_violation(problem, default.v, default.w) <= 2e-4
+    config = dataclasses.replace(cronos.default_config(problem, 1e-5), rho_warmup=1000)  # float32, small rho
+    result = cronos.solve(problem, config, key=jax.random.key(0))
+    assert result.converged, result.iterations
+    assert abs(cronos.objective(problem, result.v, result.w) - reference) <= 1e-2 * reference
+    assert cronos.constraint_violation(problem, result.v, result.w) <= 1e-4
 
 
 def test_non_finite_iterate_raises_instead_of_returning_nan():
