@@ -88,9 +88,11 @@ class ADMMConfig:
       rho_warmup: ADMM iterations run at the starting rho before residual balancing begins. On CLD-like
         problems balancing drives rho up 10-1000x, which enforces the cone constraints but stalls the
         objective; a small rho first makes the objective fall fast, then balancing makes the iterate
-        feasible and converged within a few tens of iterations. (On n ~ d embeddings, 100 iterations at
-        rho = 0.01 stopped 30-250% above the optimum that 300 at 0.001 reach within 5%.) The residual test
-        only counts after RHO_SETTLE_ITERS iterations at an unchanged rho.
+        feasible and converged within a few tens of iterations. (Measured at tol 1e-4: 100 iterations at
+        rho = 0.01 stopped 3.5x above CVXPY's optimum on an embedding-like n < d problem, 300 at 0.001 4.8%
+        above; on real whisper-base embeddings 0.130 -> 0.100; at n/d = 6.5 the old choice stopped lower,
+        see bench_cronos_grid.md.) The residual test only counts after RHO_SETTLE_ITERS iterations at an
+        unchanged rho.
       constraint_scale: sigma in the cone constraint sigma * (2D - I) X u = s (penalty rho * sigma^2 on
         that block); 1 is the published iteration.
       relaxation: over-relaxation alpha in (0, 2); None means 1 (the published iteration) in fixed
@@ -268,7 +270,7 @@ def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
     fty = features_times_patterns(XT, Dm, Y)
     sketch = statics.preconditioner == "nystrom" and not direct
     eigvecs = inv_minus_one = approx = woodbury = None
-    gram = X @ XT if direct else None  # (n, n)
+    gram = None  # (n, n) X B^{-1} X^T on the direct path
     if statics.has_cone and direct:
         # The SVD of X, not eigh(X^T X): X B^{-1} X^T = U diag(s^2 / (1 + sigma^2 s^2)) U^T keeps the small
         # singular directions that forming X^T X (or X X^T - X Q (...) Q^T X^T) loses in float32.
@@ -289,6 +291,7 @@ def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
     elif sketch:
         approx = nystrom.nystrom_sketch(ftf, key, d, p, statics.rank, X.dtype)
     if direct:
+        gram = X @ XT if gram is None else gram  # B = I for gated ReLU
         M = gram * (Dm @ Dm.T)  # F0 B^{-1} F0^T = sum_i D_i X B^{-1} X^T D_i
         w, V = jnp.linalg.eigh(0.5 * (M + M.T))
         woodbury = (jnp.maximum(w, 0.0), V)
