@@ -88,11 +88,9 @@ class ADMMConfig:
       rho_warmup: ADMM iterations run at the starting rho before residual balancing begins. On CLD-like
         problems balancing drives rho up 10-1000x, which enforces the cone constraints but stalls the
         objective; a small rho first makes the objective fall fast, then balancing makes the iterate
-        feasible and converged within a few tens of iterations. (Measured at tol 1e-4: 100 iterations at
-        rho = 0.01 stopped 3.5x above CVXPY's optimum on an embedding-like n < d problem, 300 at 0.001 4.8%
-        above; on real whisper-base embeddings 0.130 -> 0.100; at n/d = 6.5 the old choice stopped lower,
-        see bench_cronos_grid.md.) The residual test only counts after RHO_SETTLE_ITERS iterations at an
-        unchanged rho.
+        feasible and converged within a few tens of iterations (on n ~ d embeddings a shorter warm-up at a
+        larger rho stopped far above the optimum). The residual test only counts after RHO_SETTLE_ITERS
+        iterations at an unchanged rho.
       constraint_scale: sigma in the cone constraint sigma * (2D - I) X u = s (penalty rho * sigma^2 on
         that block); 1 is the published iteration.
       relaxation: over-relaxation alpha in (0, 2); None means 1 (the published iteration) in fixed
