@@ -63,8 +63,8 @@ def test_tolerance_mode_reaches_cvxpy_optimum(n, d, P, C, cone, rho, dtype):
 def test_theorem1_mlp_reproduces_convex_model_on_training_data():
     X, Y, D = _data(150, 6, 6, 2)
     problem = cronos.ConvexReLU(X, Y, patterns=D, beta=1e-2)
-    with jax.enable_x64(True):
-        result = cronos.solve(problem, _tight(), key=jax.random.key(0))
+    with jax.enable_x64(True):  # the exact u-solve: the MLP equals the convex model only on a feasible iterate
+        result = cronos.solve(problem, _tight(linear_solver="direct"), key=jax.random.key(0))
         W1, w2 = (np.asarray(a) for a in result.mlp_weights())
         scores = np.asarray(result.decision_function(X))
     v, w = np.asarray(result.v), np.asarray(result.w)
@@ -94,6 +94,7 @@ def test_rho_is_held_during_warmup_then_balanced():
     X, Y, D = _data(120, 6, 6, 2)
     problem = cronos.ConvexReLU(X, Y, patterns=D, beta=1e-2)
     assert cronos.ADMMConfig().effective_rho == 0.1 and cronos.ADMMConfig(tol=1e-3).effective_rho == 0.001
+    assert cronos.ADMMConfig(tol=1e-3, linear_solver="direct").effective_rho == 1e-4
     config = cronos.ADMMConfig(rho=1e-3, tol=1e-12, admm_iters=60, rho_warmup=20)  # far too small a rho
     rho = cronos.solve(problem, config, key=jax.random.key(0)).history["rho"]
     np.testing.assert_allclose(rho[:20], 1e-3, rtol=1e-6)
@@ -233,10 +234,11 @@ def test_sharded_equals_unsharded_on_8_devices():
             (cronos.ConvexReLU, cronos.ADMMConfig(), 1e-3),
             (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-4, admm_iters=500), 1e-3),
             (cronos.ConvexReLU, cronos.ADMMConfig(admm_iters=30, pcg_iters=50, dtype="float64"), 1e-8),
-            # Tolerance-mode PCG stops at a fraction of the ADMM residual, so a rounding difference can move one PCG
-            # stop by an iteration (here from iteration ~770 on): the iterates then agree to the inexact solve's
-            # accuracy (1.9e-7 after 3000 iterations), not to float64 rounding.
-            (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64"), 1e-6),
+            # Tolerance mode on the exact u-solve (on the PCG path, whose stop is a fraction of the ADMM residual, a
+            # rounding difference can move one PCG stop by an iteration, after which the iterates agree only to the
+            # inexact solve's accuracy).
+            (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64",
+                                                  linear_solver="direct"), 1e-8),
             (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-8, admm_iters=3000, dtype="float64"), 1e-8),
         ]
         for program, config, tol in cases:
@@ -408,20 +410,25 @@ def test_embedding_like_float32_reaches_the_cvxpy_optimum():
     """Issue 16: on real whisper-base embeddings the float32 direct solve lost every digit at small rho (the
     Woodbury cancellation of its 1/rho data term, and X^T X squaring the tiny singular values): the iteration
     oscillated for thousands of iterations (unscaled, it went to NaN), and at rho = 0.001 it ended at 10^4 x the
-    optimum. The default path (rho = 0.01 for 100 iterations then) stopped at 3.5 x the optimum."""
+    optimum. The default path (rho = 0.01 for 100 iterations then) stopped at 3.5 x the optimum, and with
+    rho = 0.001 for 300 iterations at 1.05 x: rho balancing stopped it "converged" far above the optimum.
+
+    In float64 the same default run certifies itself: its dual bound (the u-step's dual point) closes on
+    CVXPY's optimum (with the residual at v and the multipliers -rho nu, it stayed below 0.9 of it)."""
     X, Y, D = _embedding_like(160, 192, 3, 8)
     beta = 1e-3
     reference, _ = cvxpy_optimum(X, Y, D, beta, True, tol=1e-8)
     problem = cronos.ConvexReLU(X, Y, patterns=D, beta=beta)
     default = cronos.solve(problem, tol=1e-4, key=jax.random.key(0))
     assert default.converged and default.iterations < 1000, default.iterations
-    assert abs(cronos.objective(problem, default.v, default.w) - reference) <= 0.1 * reference
-    assert cronos.constraint_violation(problem, default.v, default.w) <= 2e-4
-    config = dataclasses.replace(cronos.default_config(problem, 1e-5), rho_warmup=1000)  # float32, small rho
-    result = cronos.solve(problem, config, key=jax.random.key(0))
+    assert abs(cronos.objective(problem, default.v, default.w) - reference) <= 1e-2 * reference
+    assert cronos.constraint_violation(problem, default.v, default.w) <= 5e-4
+    with jax.enable_x64(True):
+        result = cronos.solve(problem, cronos.default_config(problem, 1e-4, "float64"), key=jax.random.key(0))
     assert result.converged, result.iterations
     assert abs(cronos.objective(problem, result.v, result.w) - reference) <= 1e-2 * reference
-    assert cronos.constraint_violation(problem, result.v, result.w) <= 1e-4
+    assert reference * (1 - 2e-2) <= result.lower_bound <= reference * (1 + 1e-8), (result.lower_bound, reference)
+    assert result.duality_gap <= 3e-2, result.duality_gap
 
 
 def test_non_finite_iterate_raises_instead_of_returning_nan():
