@@ -321,8 +321,10 @@ def certified_lower_bound(problem: _Problem, v, w=None, steps: int = 200) -> flo
     The dual point is the residual lam = F (v, w) - y of the weights, with cone multipliers mu >= 0 refined by
     `steps` accelerated projected-gradient steps on ||X^T (+-D_i lam - (2 D_i - I) mu_i)||^2 (zero multipliers
     if that is better), scaled to feasibility as in `dual_bound`. It needs no reference solver and holds for
-    any (v, w); it is tight once (v, w) is optimal. For a `SolveResult` the certified bound is
-    max(result.lower_bound, this). Cost: 2 * steps GEMMs of X with (n, 2 C P) blocks (gated ReLU: none).
+    any (v, w); it is tight at an exact optimum, but at small beta it needs the residual accurate to about
+    beta / ||X||, so from the weights of a tol = 1e-4 solve it is usually far looser than that solve's own
+    `lower_bound`. For a `SolveResult` the certified bound is max(result.lower_bound, this).
+    Cost: 2 * steps GEMMs of X with (n, 2 C P) blocks (gated ReLU: none).
     """
     if not (isinstance(steps, (int, np.integer)) and steps >= 0):
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}.")
