@@ -30,9 +30,11 @@ dual bound closes, and then balances rho against the residuals every 5 iteration
 refreshed for free).
 The a-system is solved either by PCG (inexact and warm-started; its relative tolerance is
 PCG_RESIDUAL_FACTOR times the previous iteration's larger relative ADMM residual, so PCG works hard only once
-ADMM is close) or exactly by Woodbury through one eigendecomposition of the n x n matrix
-F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T) (`linear_solver="direct"`; `default_config` picks it up to an n
-that grows as sqrt(d), see DIRECT_MAX_SAMPLES).
+ADMM is close) or exactly by Woodbury through the n x n matrix M = F0 B^{-1} F0^T = (X B^{-1} X^T) o (D D^T):
+its eigendecomposition (`linear_solver="direct"`, any rho for free; `default_config` up to DIRECT_MAX_SAMPLES)
+or a Cholesky factorisation of rho / kappa I + M and its triangular inverse (`"cholesky"`, refactored in an outer
+loop whenever rho changes, which it then does only on a 5x residual imbalance; `default_config` while three
+n x n matrices fit in DIRECT_MAX_BYTES).
 Every iteration records the objective, the network objective (the regularised loss of the ReLU network
 the iterate defines) and a certified dual lower bound (`problems.dual_bound` at the dual point of the
 u-step's optimality condition: the residual at u and the cone multipliers it pairs with). A non-finite
@@ -100,9 +102,11 @@ class ADMMConfig:
         mode and 1.6 in tolerance mode.
       preconditioner: "nystrom" (default: exact block inverse of I + X^T X composed with the rank-r
         Nyström preconditioner of the whitened F^T F), "block" (block inverse only) or "none" (plain CG).
-      linear_solver: "pcg" (Nyström-preconditioned CG on the a-system; any n) or "direct" (exact
+      linear_solver: "pcg" (Nyström-preconditioned CG on the a-system; any n), "direct" (exact
         Woodbury solve through one eigendecomposition of the n x n matrix F0 B^{-1} F0^T, so a change of
-        rho costs nothing; for n up to a few thousand, where it is faster and never inexact).
+        rho costs nothing; for n up to a few thousand) or "cholesky" (the same exact solve through a Cholesky
+        factorisation at the current rho, redone at each change of rho: an O(n^3) setup several times
+        cheaper than the eigendecomposition, for n up to a few tens of thousands).
       scale_data: solve the equivalent program with X / s and beta / s, s = ||X - mean(X)||_2 (weights
         rescaled back; the objective is unchanged), which keeps I + X^T X representable in float32
         whatever the scale of the embeddings (unscaled, real whisper-base embeddings made it diverge).
@@ -150,8 +154,8 @@ class ADMMConfig:
             raise ValueError(f"relaxation must lie in (0, 2), got {self.relaxation}.")
         if self.preconditioner not in ("nystrom", "block", "none"):
             raise ValueError(f"preconditioner must be 'nystrom', 'block' or 'none', got {self.preconditioner!r}.")
-        if self.linear_solver not in ("pcg", "direct"):
-            raise ValueError(f"linear_solver must be 'pcg' or 'direct', got {self.linear_solver!r}.")
+        if self.linear_solver not in ("pcg", "direct", "cholesky"):
+            raise ValueError(f"linear_solver must be 'pcg', 'direct' or 'cholesky', got {self.linear_solver!r}.")
         if self.gap_tol is not None and not (np.isfinite(self.gap_tol) and self.gap_tol > 0):
             raise ValueError(f"gap_tol must be None or a positive number, got {self.gap_tol}.")
         if self.gap_tol is not None and self.tol is None:
@@ -166,7 +170,7 @@ class ADMMConfig:
             return float(self.rho)
         if self.tol is None:
             return 0.1
-        return 1e-4 if self.linear_solver == "direct" else 1e-3
+        return 1e-3 if self.linear_solver == "pcg" else 1e-4
 
     @property
     def effective_scale_data(self) -> bool:
@@ -213,6 +217,17 @@ class _Structure(NamedTuple):
     approx: nystrom.NystromApprox  # U already multiplied by B^{-1/2}
     fty: jax.Array  # (d, C, P) F0^T Y
     woodbury: Any = None  # (eigvals (n,), eigvecs (n, n)) of F0 B^{-1} F0^T for the direct solve
+    patterns_gram: Any = None  # (n, n) F0 B^{-1} F0^T for the Cholesky solve
+
+
+def _inverse_cholesky(patterns_gram, shift):
+    """L^{-1} for shift I + M = L L^T: (shift I + M)^{-1} f = L^{-T} (L^{-1} f) is then two GEMVs per solve
+    (triangular solves against L ran 5x slower on CPU). Rounding can make a float32 factor non-finite at a tiny
+    shift; the resulting NaN iterate stops the solve with NonFiniteIterateError."""
+    n = patterns_gram.shape[0]
+    eye = jnp.eye(n, dtype=patterns_gram.dtype)
+    chol = jnp.linalg.cholesky(patterns_gram + shift * eye)
+    return lax.linalg.triangular_solve(chol, eye, left_side=True, lower=True)
 
 
 def _eigen_update(eigvecs, diag, x):
@@ -247,32 +262,36 @@ def _precondition(st: _Structure, scale, r, statics: _Statics):
     return z
 
 
-def _direct_solve(st: _Structure, X, XT, Dm, rest, Y, shift, has_cone: bool):
-    """(B + F0^T F0 / shift)^{-1} (F0^T Y / shift + rest), exactly.
+def _direct_solve(st: _Structure, X, XT, Dm, rest, Y, shift, factor, has_cone: bool):
+    """(B + F0^T F0 / shift)^{-1} (F0^T Y / shift + rest), exactly (`factor`: L^{-1} of the Cholesky solve, or None
+    for the eigendecomposition).
 
     Woodbury on `rest` and the push-through identity (B + F0^T F0 / shift)^{-1} F0^T = B^{-1} F0^T (shift I + M)^{-1}
     shift on the data term combine into z + B^{-1} F0^T (shift I + M)^{-1} (Y - F0 z), z = B^{-1} rest. The data
     term never meets the cancellation z - B^{-1} F0^T (...) F0 z of the plain Woodbury formula, which at small
     rho (rhs ~ 1/rho, solution ~ 1) lost every digit of float32 on real embeddings.
     """
-    eigvals, eigvecs = st.woodbury
     z = _block_inverse(st, rest, has_cone)
     f = Y - patterns_times_features(X, Dm, z)  # (n, C)
-    f = eigvecs @ ((eigvecs.T @ f) / (shift + eigvals)[:, None])
+    if factor is None:
+        eigvals, eigvecs = st.woodbury
+        f = eigvecs @ ((eigvecs.T @ f) / (shift + eigvals)[:, None])
+    else:
+        f = factor.T @ (factor @ f)
     return z + _block_inverse(st, features_times_patterns(XT, Dm, f), has_cone)
 
 
 def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
     n, d = X.shape
     p = Dm.shape[1]
-    direct = statics.linear_solver == "direct"
+    direct = statics.linear_solver in ("direct", "cholesky")
 
     def ftf(a):
         return features_times_patterns(XT, Dm, patterns_times_features(X, Dm, a))
 
     fty = features_times_patterns(XT, Dm, Y)
     sketch = statics.preconditioner == "nystrom" and not direct
-    eigvecs = inv_minus_one = approx = woodbury = None
+    eigvecs = inv_minus_one = approx = woodbury = patterns_gram = None
     gram = None  # (n, n) X B^{-1} X^T on the direct path
     if statics.has_cone and direct:
         # The SVD of X, not eigh(X^T X): X B^{-1} X^T = U diag(s^2 / (1 + sigma^2 s^2)) U^T keeps the small
@@ -296,9 +315,13 @@ def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
     if direct:
         gram = X @ XT if gram is None else gram  # B = I for gated ReLU
         M = gram * (Dm @ Dm.T)  # F0 B^{-1} F0^T = sum_i D_i X B^{-1} X^T D_i
-        w, V = jnp.linalg.eigh(0.5 * (M + M.T))
-        woodbury = (jnp.maximum(w, 0.0), V)
-    return _Structure(sigma, eigvecs, inv_minus_one, approx, fty, woodbury)
+        M = 0.5 * (M + M.T)
+        if statics.linear_solver == "cholesky":
+            patterns_gram = M
+        else:
+            w, V = jnp.linalg.eigh(M)
+            woodbury = (jnp.maximum(w, 0.0), V)
+    return _Structure(sigma, eigvecs, inv_minus_one, approx, fty, woodbury, patterns_gram)
 
 
 class _State(NamedTuple):
@@ -324,8 +347,10 @@ def _sq(x):
     return jnp.sum(x * x)
 
 
-def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _Structure, statics: _Statics) -> _State:
-    """One ADMM iteration, including its PCG solve, residuals, rho adaptation and history."""
+def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _Structure, statics: _Statics,
+               factor=None) -> _State:
+    """One ADMM iteration, including its u-solve (`factor`: the Cholesky solve's L^{-1} at the current rho),
+    residuals, rho adaptation and history."""
     dtype = X.dtype
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny
@@ -353,8 +378,8 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     else:
         rtol = jnp.maximum(jnp.maximum(floor, 0.01 * statics.tol),
                            jnp.minimum(0.1, PCG_RESIDUAL_FACTOR * state.residual))
-    if statics.linear_solver == "direct":
-        a = _direct_solve(st, X, XT, Dm, rest_a, Y, rho / kappa, statics.has_cone)
+    if statics.linear_solver in ("direct", "cholesky"):
+        a = _direct_solve(st, X, XT, Dm, rest_a, Y, rho / kappa, factor, statics.has_cone)
         pcg_iterations = jnp.zeros((), jnp.int32)
     else:
         sol = pcg_lib.pcg(system, precondition, (kappa / rho) * st.fty + rest_a, state.a, rtol, statics.pcg_iters)
@@ -460,7 +485,9 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
         if statics.adapt_rho:
             ratio = jnp.sqrt(pri_rel / jnp.maximum(dual_rel, tiny))
             due = (k + 1 > statics.rho_warmup) & ((k + 1) % 5 == 0)
-            adapt = (~converged) & due & ((ratio > 2.0) | (ratio < 0.5))
+            # A Cholesky solve pays a refactorisation per change: it waits for OSQP's 5x imbalance, not 2x.
+            band = 5.0 if statics.linear_solver == "cholesky" else 2.0
+            adapt = (~converged) & due & ((ratio > band) | (ratio < 1.0 / band))
             rho_new = jnp.where(adapt, rho * jnp.clip(ratio, 1e-2, 1e2), rho)
             rho_since = jnp.where(adapt, k + 1, rho_since)
             shrink = rho / rho_new
@@ -498,9 +525,15 @@ def _initial_state(X, Y, Dm, rho, statics: _Statics) -> _State:
         k=jnp.asarray(0, jnp.int32), u=zeros_w, v=zeros_w, lam=zeros_w, s=s, nu=nu, gts=gts, gtnu=gtnu,
         a=jnp.zeros((d, C, P), dtype), rho=jnp.asarray(rho, dtype), converged=jnp.asarray(False),
         finite=jnp.asarray(True), best_bound=jnp.asarray(-jnp.inf, dtype), residual=jnp.asarray(1.0, dtype),
-        rho_since=jnp.asarray(0, jnp.int32),
-        history=history,
+        rho_since=jnp.asarray(0, jnp.int32), history=history,
     )
+
+
+def _factor_at(st: _Structure, rho, statics: _Statics):
+    """The Cholesky solve's L^{-1} at penalty rho (None on the other solvers)."""
+    if statics.linear_solver != "cholesky":
+        return None
+    return _inverse_cholesky(st.patterns_gram, rho / (2.0 if statics.has_cone else 1.0))
 
 
 def _solve_impl(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, statics: _Statics):
@@ -510,10 +543,19 @@ def _solve_impl(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, st
     def cond(state):
         return (state.k < statics.admm_iters) & ~state.converged & state.finite
 
-    def body(state):
-        return _admm_step(state, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics)
+    def steps_at_one_rho(state):
+        # The factor is a constant of the inner loop: carried in the loop state instead, XLA copied all n^2 of
+        # it every iteration (5x the cost of the iteration at n = 13,000).
+        factor = _factor_at(st, state.rho, statics)
+        return lax.while_loop(lambda s: cond(s) & (s.rho == state.rho),
+                              lambda s: _admm_step(s, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics, factor),
+                              state)
 
-    state = lax.while_loop(cond, body, state)
+    if statics.linear_solver == "cholesky":  # refactor once per rho: the outer loop runs once per change
+        state = lax.while_loop(cond, steps_at_one_rho, state)
+    else:
+        state = lax.while_loop(cond, lambda s: _admm_step(s, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics),
+                               state)
     eigvals = st.approx.eigvals if st.approx is not None else jnp.zeros((0,), X.dtype)
     return state.v, state.k, state.converged & state.finite, state.rho, state.history, eigvals, state.best_bound
 
@@ -618,10 +660,12 @@ class SolveResult:
         """FLOPs counted by XLA's cost analysis of the compiled setup, ADMM step and PCG iteration.
 
         XLA counts a loop body once, so the total is setup + sum over ADMM iterations of
-        (step with one PCG iteration + (PCG iterations - 1) * one PCG iteration), using the executed
-        iteration counts recorded in `history`.
+        (step with one PCG iteration + (PCG iterations - 1) * one PCG iteration), plus one factorisation per
+        change of rho on the Cholesky solve, using the executed counts recorded in `history`. LAPACK calls
+        (the eigendecomposition, SVD, Cholesky factorisation and triangular inverse of the direct solves) are
+        opaque to XLA's cost analysis and count as zero.
         """
-        return self._flop_counter(self.history["pcg_iterations"])
+        return self._flop_counter(self.history)
 
 
 def _row_shards(mesh: Mesh | None, rows_axis: str | None) -> int:
@@ -688,13 +732,13 @@ def _local(x: jax.Array) -> jax.Array:
     return x if x.is_fully_addressable else jnp.asarray(_to_host(x))
 
 
-# The direct solve's O(n^3) setup against PCG's O(n d) per step: direct pays while n^2 <~ d x (ADMM iterations).
-# Measured on 2 cores (fp32, P = 64, C = 2, tol 1e-4, ~500-600 ADMM iterations to converge): n = 3000, d = 256:
-# direct 44 s, PCG 72 s; n = 5000, d = 768: direct 127 s, PCG 223 s. The eigendecomposition grows as n^3
-# (3 s at n = 3000, 23 s at 6000, 112 s at 10,000), so it is capped at DIRECT_HARD_MAX.
-DIRECT_MAX_SAMPLES = 2048  # always direct up to here
-DIRECT_SAMPLES_PER_ROOT_FEATURE = 400  # beyond it, direct while n <= 400 sqrt(d) ...
-DIRECT_HARD_MAX = 8192  # ... and never above this n
+# Both direct solves pay O(n^3) once, then two n x n GEMVs per iteration (every iteration exact). The
+# eigendecomposition makes a change of rho free but grows fast (3 s at n = 3000, 23 s at 6000, 112 s at 10,000 on
+# 2 cores), so beyond DIRECT_MAX_SAMPLES a Cholesky factorisation of shift I + M and its triangular inverse take
+# over (14 s at n = 13,000, repeated per change of rho), while three n x n matrices fit in DIRECT_MAX_BYTES;
+# Nystrom PCG (O(n d P) memory) beyond.
+DIRECT_MAX_SAMPLES = 2048  # eigendecomposition up to here
+DIRECT_MAX_BYTES = 8 * 2**30  # Cholesky while 3 n^2 x itemsize fits: n <= 26,754 in float32, 18,918 in float64
 RHO_SETTLE_ITERS = 10  # iterations at an unchanged rho before the residual test may stop the solve
 PCG_RESIDUAL_FACTOR = 0.03  # PCG relative tolerance = this x the previous relative ADMM residual (capped at 0.1)
 
@@ -702,13 +746,17 @@ PCG_RESIDUAL_FACTOR = 0.03  # PCG relative tolerance = this x the previous relat
 def default_config(problem: ConvexReLU | GatedReLU, tol: float = 1e-4, dtype: str = "float32",
                    max_iters: int = 3000) -> ADMMConfig:
     """The fast exact path for this problem's shape: tolerance-mode ADMM on scaled data (`scale_data`), with the
-    exact Woodbury u-solve (one n x n eigendecomposition, then every iteration is a few GEMMs and never inexact)
-    up to n = max(DIRECT_MAX_SAMPLES, min(DIRECT_HARD_MAX, DIRECT_SAMPLES_PER_ROOT_FEATURE * sqrt(d))), Nyström PCG
-    beyond."""
-    n, d = problem.num_samples, problem.num_features
-    direct = n <= max(DIRECT_MAX_SAMPLES, min(DIRECT_HARD_MAX, DIRECT_SAMPLES_PER_ROOT_FEATURE * d**0.5))
-    return ADMMConfig(tol=tol, admm_iters=max_iters, pcg_iters=50, dtype=dtype,
-                      linear_solver="direct" if direct else "pcg")
+    exact Woodbury u-solve (every iteration a few GEMMs, never inexact) through an n x n eigendecomposition up to
+    n = DIRECT_MAX_SAMPLES, through a Cholesky factorisation while three n x n matrices fit in DIRECT_MAX_BYTES,
+    and Nyström PCG beyond."""
+    n = problem.num_samples
+    if n <= DIRECT_MAX_SAMPLES:
+        linear_solver = "direct"
+    elif 3 * n * n * np.dtype(dtype).itemsize <= DIRECT_MAX_BYTES:
+        linear_solver = "cholesky"
+    else:
+        linear_solver = "pcg"
+    return ADMMConfig(tol=tol, admm_iters=max_iters, pcg_iters=50, dtype=dtype, linear_solver=linear_solver)
 
 
 def solve(
@@ -804,8 +852,8 @@ def solve(
     _check_finite_iterates(history, v, problem, scale)
     v = jnp.transpose(v, (1, 2, 0, 3)) / jnp.asarray(scale, dtype)  # (C, H, d, P), back to the unscaled X
 
-    def count_flops(pcg_iterations):
-        return _count_flops(X, XT, Dm, Y, scalars, key, Xval, yval, Dval, statics, pcg_iterations)
+    def count_flops(history):
+        return _count_flops(X, XT, Dm, Y, scalars, key, Xval, yval, Dval, statics, history)
 
     return SolveResult(
         v=v[:, 0], w=v[:, 1] if problem.has_cone else None, history=history, iterations=iterations,
@@ -853,10 +901,16 @@ def _setup_only(X, XT, Dm, Y, sigma, key, statics):
     return _setup(X, XT, Dm, Y, sigma, key, statics)
 
 
+def _factored_setup_only(X, XT, Dm, Y, sigma, key, statics):
+    """The setup and one Cholesky factorisation (what a solve pays before its first step)."""
+    st = _setup(X, XT, Dm, Y, sigma, key, statics)
+    return st, _factor_at(st, sigma, statics)
+
+
 def _step_only(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, statics):
     st = _setup(X, XT, Dm, Y, sigma, key, statics)
     state = _initial_state(X, Y, Dm, rho, statics)
-    return _admm_step(state, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics)
+    return _admm_step(state, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics, _factor_at(st, rho, statics))
 
 
 def _pcg_iteration_only(X, XT, Dm, Y, sigma, key, statics):
@@ -867,21 +921,31 @@ def _pcg_iteration_only(X, XT, Dm, Y, sigma, key, statics):
     return p + jnp.sum(p * Ap) * _precondition(st, 1.0, Ap, statics)
 
 
-def _count_flops(X, XT, Dm, Y, scalars, key, Xval, yval, Dval, statics, pcg_iterations) -> dict:
-    setup_exe, _ = _compiled(_setup_only, statics, (X, XT, Dm, Y, scalars[3], key))
+def _count_flops(X, XT, Dm, Y, scalars, key, Xval, yval, Dval, statics, history) -> dict:
+    setup_args = (X, XT, Dm, Y, scalars[3], key)
+    setup_exe, _ = _compiled(_setup_only, statics, setup_args)
     step_exe, _ = _compiled(_step_only, statics, (X, XT, Dm, Y) + scalars + (key, Xval, yval, Dval))
-    pcg_exe, _ = _compiled(_pcg_iteration_only, statics, (X, XT, Dm, Y, scalars[3], key))
     setup = _flops_of(setup_exe)
-    pcg_body = _flops_of(pcg_exe) - setup
+    pcg_body = 0.0  # the direct solves run no PCG (and XLA drops their unused setup from a PCG-only program)
+    if statics.linear_solver == "pcg":
+        pcg_body = _flops_of(_compiled(_pcg_iteration_only, statics, setup_args)[0]) - setup
+    factorization, refactorizations = 0.0, 0
+    if statics.linear_solver == "cholesky":  # one factorisation in the setup, one more per change of rho
+        factorization = _flops_of(_compiled(_factored_setup_only, statics, setup_args)[0]) - setup
+        refactorizations = int(np.count_nonzero(np.diff(history["rho"])))
+        setup += factorization
     step = _flops_of(step_exe) - setup
+    pcg_iterations = history["pcg_iterations"]
     pcg_total = int(np.sum(pcg_iterations))
     admm_iterations = len(pcg_iterations)
-    total = setup + admm_iterations * (step - pcg_body) + pcg_total * pcg_body
+    total = setup + admm_iterations * (step - pcg_body) + pcg_total * pcg_body + refactorizations * factorization
     return {
         "total": total,
         "setup": setup,
         "per_admm_step_excluding_pcg": step - pcg_body,
         "per_pcg_iteration": pcg_body,
+        "per_refactorization": factorization,
         "admm_iterations": admm_iterations,
         "pcg_iterations": pcg_total,
+        "refactorizations": refactorizations,
     }

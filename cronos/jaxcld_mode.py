@@ -402,8 +402,8 @@ def solve_jaxcld(problem, config: JaxcldConfig, key=None, *, validation=None, me
     v = _local(iterate[1])
     first_iterate = (None,) + tuple(jnp.zeros_like(a) for a in iterate[1:])
 
-    def count_flops(pcg_iterations):
-        return _count_flops(ops, Y, key, b_1, precond, first_iterate, config, beta, pcg_iterations)
+    def count_flops(history):
+        return _count_flops(ops, Y, key, b_1, precond, first_iterate, config, beta, history["pcg_iterations"])
 
     return SolveResult(
         v=v[:, 0], w=v[:, 1], history=history, iterations=int(config.admm_iters), converged=False,

@@ -15,6 +15,7 @@ from reference import cvxpy_optimum
 from sklearn.metrics import accuracy_score
 
 import cronos
+from cronos import admm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,6 +102,34 @@ def test_rho_is_held_during_warmup_then_balanced():
     assert rho[20:].max() > 10 * 1e-3  # balancing, once allowed, moves rho towards the residuals' balance
     held = cronos.solve(problem, dataclasses.replace(config, adapt_rho=False), key=jax.random.key(0)).history["rho"]
     np.testing.assert_allclose(held, 1e-3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cone,rho", [(True, 1e-3), (False, 100.0)])  # far too small / too large a start
+def test_cholesky_solve_refactors_at_every_change_of_rho(cone, rho):
+    X, Y, D = _data(120, 6, 6, 2)
+    reference, _ = cvxpy_optimum(X, Y, D, 1e-2, cone)
+    problem = (cronos.ConvexReLU if cone else cronos.GatedReLU)(X, Y, patterns=D, beta=1e-2)
+    config = _tight(rho, rho_warmup=20, linear_solver="cholesky")  # balancing moves rho after 20 iterations
+    with jax.enable_x64(True):
+        result = cronos.solve(problem, config, key=jax.random.key(0))
+        flops = result.flops
+    changes = int(np.count_nonzero(np.diff(result.history["rho"])))
+    assert result.converged and changes >= 1  # a stale factor after a change would solve the wrong system
+    assert abs(cronos.objective(problem, result.v, result.w) - reference) <= 1e-3 * reference
+    assert flops["refactorizations"] == changes and flops["per_refactorization"] > 0 and flops["pcg_iterations"] == 0
+    assert flops["total"] == pytest.approx(flops["setup"] + result.iterations * flops["per_admm_step_excluding_pcg"]
+                                           + changes * flops["per_refactorization"])
+
+
+def test_default_config_picks_the_solver_by_size():
+    def solver(n, d, dtype="float32"):
+        X = np.ones((n, d), np.float32)
+        problem = cronos.ConvexReLU(X, np.zeros((n, 2), np.float32), patterns=np.ones((n, 2), np.float32), beta=1.0)
+        return cronos.default_config(problem, 1e-4, dtype).linear_solver
+    assert solver(2048, 512) == "direct"  # an eigendecomposition: rho changes for free
+    assert solver(2049, 512) == "cholesky" and solver(20000, 768) == "cholesky"
+    limit = int((admm.DIRECT_MAX_BYTES / (3 * 8)) ** 0.5)  # three n x n float64 matrices
+    assert solver(limit, 16, "float64") == "cholesky" and solver(limit + 1, 16, "float64") == "pcg"
 
 
 def test_gated_relu_predicts_with_its_gates():
@@ -239,6 +268,8 @@ def test_sharded_equals_unsharded_on_8_devices():
             # inexact solve's accuracy).
             (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64",
                                                   linear_solver="direct"), 1e-8),
+            (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64", rho_warmup=50,
+                                                  linear_solver="cholesky"), 1e-8),  # refactors on sharded rows
             (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-8, admm_iters=3000, dtype="float64"), 1e-8),
         ]
         for program, config, tol in cases:
@@ -332,7 +363,7 @@ def _low_resource(n, d, P, C, separation=0.3, mean_norm=0.0, seed=3):
     return X, cronos.encode_targets(y, C), D
 
 
-@pytest.mark.parametrize("linear_solver", ["direct", "pcg"])
+@pytest.mark.parametrize("linear_solver", ["direct", "cholesky", "pcg"])
 @pytest.mark.parametrize("n,d,C,mean_norm", [(40, 60, 2, 0.0), (36, 48, 3, 90.0)])
 def test_low_resource_n_below_d_reaches_cvxpy_optimum(linear_solver, n, d, C, mean_norm):
     X, Y, D = _low_resource(n, d, 6, C, mean_norm=mean_norm)

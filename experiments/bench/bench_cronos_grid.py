@@ -265,16 +265,17 @@ def main(argv):
     import importlib.metadata
 
     from cronos import admm
-    direct_rule = (f"n <= max({admm.DIRECT_MAX_SAMPLES}, min({admm.DIRECT_HARD_MAX}, "
-                   f"{admm.DIRECT_SAMPLES_PER_ROOT_FEATURE} sqrt(d)))")
+    direct_rule = (f"n <= {admm.DIRECT_MAX_SAMPLES} through an eigendecomposition, beyond it through a Cholesky "
+                   f"factorisation while three n x n matrices fit in {admm.DIRECT_MAX_BYTES / 2**30:g} GiB")
+    large_n_cap = "" if _LARGE_N_ITERS.value == _CRONOS_MAX_ITERS.value else f" ({_LARGE_N_ITERS.value} for n > 5000)"
     lines = [
         "# cronos vs pyscnn: regime grid",
         "",
         f"pyscnn {importlib.metadata.version('pyscnn')} `AL(tol={_PYSCNN_TOL.value:g})` (other settings default, "
         f"`unitize_data=False`, capped at {_PYSCNN_MAX_SECONDS.value:g} s) against cronos's default exact path "
         f"`cronos.solve(problem, tol={_TOL.value:g})` (`cronos.default_config`: tolerance-mode ADMM on unit-spectral-norm "
-        f"data, direct Woodbury u-solve for {direct_rule}, Nystrom PCG above), at most "
-        f"{_CRONOS_MAX_ITERS.value} iterations ({_LARGE_N_ITERS.value} for n > 5000). P = {_PATTERNS.value} gates "
+        f"data, exact Woodbury u-solve for {direct_rule}, Nystrom PCG above), at most "
+        f"{_CRONOS_MAX_ITERS.value} iterations{large_n_cap}. P = {_PATTERNS.value} gates "
         f"`cronos.sample_gates(key(1), d, P)` for both, beta = {_BETA.value:g}, one-vs-all one-hot targets. "
         "pyscnn's objective is ours / (nC) with lambda = beta / (nC): the same program.",
         "",
