@@ -284,7 +284,7 @@ def _direct_solve(st: _Structure, X, XT, Dm, rest, Y, shift, factor, has_cone: b
 def _setup(X, XT, Dm, Y, sigma, key, statics: _Statics) -> _Structure:
     n, d = X.shape
     p = Dm.shape[1]
-    direct = statics.linear_solver in ("direct", "cholesky")
+    direct = statics.linear_solver != "pcg"
 
     def ftf(a):
         return features_times_patterns(XT, Dm, patterns_times_features(X, Dm, a))
@@ -343,6 +343,11 @@ class _State(NamedTuple):
     history: dict
 
 
+def _kappa(statics: _Statics) -> float:
+    """Weight of F0^T F0 in the a-system, B + (kappa / rho) F0^T F0: 2 with the cone block (a = v - w), else 1."""
+    return 2.0 if statics.has_cone else 1.0
+
+
 def _sq(x):
     return jnp.sum(x * x)
 
@@ -354,7 +359,7 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     dtype = X.dtype
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny
-    kappa = 2.0 if statics.has_cone else 1.0
+    kappa = _kappa(statics)
     rho, v, lam, k = state.rho, state.v, state.lam, state.k
     d, C, H, P = v.shape
     S = 2.0 * Dm - 1.0
@@ -378,7 +383,7 @@ def _admm_step(state: _State, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st: _
     else:
         rtol = jnp.maximum(jnp.maximum(floor, 0.01 * statics.tol),
                            jnp.minimum(0.1, PCG_RESIDUAL_FACTOR * state.residual))
-    if statics.linear_solver in ("direct", "cholesky"):
+    if statics.linear_solver != "pcg":
         a = _direct_solve(st, X, XT, Dm, rest_a, Y, rho / kappa, factor, statics.has_cone)
         pcg_iterations = jnp.zeros((), jnp.int32)
     else:
@@ -533,7 +538,7 @@ def _factor_at(st: _Structure, rho, statics: _Statics):
     """The Cholesky solve's L^{-1} at penalty rho (None on the other solvers)."""
     if statics.linear_solver != "cholesky":
         return None
-    return _inverse_cholesky(st.patterns_gram, rho / (2.0 if statics.has_cone else 1.0))
+    return _inverse_cholesky(st.patterns_gram, rho / _kappa(statics))
 
 
 def _solve_impl(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, statics: _Statics):
@@ -544,18 +549,15 @@ def _solve_impl(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, st
         return (state.k < statics.admm_iters) & ~state.converged & state.finite
 
     def steps_at_one_rho(state):
-        # The factor is a constant of the inner loop: carried in the loop state instead, XLA copied all n^2 of
-        # it every iteration (5x the cost of the iteration at n = 13,000).
+        # The outer loop runs once per value of rho, so the Cholesky solve factors once per rho. The factor is a
+        # constant of the inner loop: carried in the loop state instead, XLA copied all n^2 of it every iteration
+        # (5x the cost of the iteration at n = 13,000).
         factor = _factor_at(st, state.rho, statics)
         return lax.while_loop(lambda s: cond(s) & (s.rho == state.rho),
                               lambda s: _admm_step(s, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics, factor),
                               state)
 
-    if statics.linear_solver == "cholesky":  # refactor once per rho: the outer loop runs once per change
-        state = lax.while_loop(cond, steps_at_one_rho, state)
-    else:
-        state = lax.while_loop(cond, lambda s: _admm_step(s, X, XT, Dm, Y, beta, gamma, Xval, yval, Dval, st, statics),
-                               state)
+    state = lax.while_loop(cond, steps_at_one_rho, state)
     eigvals = st.approx.eigvals if st.approx is not None else jnp.zeros((0,), X.dtype)
     return state.v, state.k, state.converged & state.finite, state.rho, state.history, eigvals, state.best_bound
 
@@ -901,10 +903,10 @@ def _setup_only(X, XT, Dm, Y, sigma, key, statics):
     return _setup(X, XT, Dm, Y, sigma, key, statics)
 
 
-def _factored_setup_only(X, XT, Dm, Y, sigma, key, statics):
+def _factored_setup_only(X, XT, Dm, Y, rho, sigma, key, statics):
     """The setup and one Cholesky factorisation (what a solve pays before its first step)."""
     st = _setup(X, XT, Dm, Y, sigma, key, statics)
-    return st, _factor_at(st, sigma, statics)
+    return st, _factor_at(st, rho, statics)
 
 
 def _step_only(X, XT, Dm, Y, beta, rho, gamma, sigma, key, Xval, yval, Dval, statics):
@@ -931,7 +933,8 @@ def _count_flops(X, XT, Dm, Y, scalars, key, Xval, yval, Dval, statics, history)
         pcg_body = _flops_of(_compiled(_pcg_iteration_only, statics, setup_args)[0]) - setup
     factorization, refactorizations = 0.0, 0
     if statics.linear_solver == "cholesky":  # one factorisation in the setup, one more per change of rho
-        factorization = _flops_of(_compiled(_factored_setup_only, statics, setup_args)[0]) - setup
+        factored_args = (X, XT, Dm, Y, scalars[1], scalars[3], key)
+        factorization = _flops_of(_compiled(_factored_setup_only, statics, factored_args)[0]) - setup
         refactorizations = int(np.count_nonzero(np.diff(history["rho"])))
         setup += factorization
     step = _flops_of(step_exe) - setup
