@@ -109,7 +109,8 @@ def test_cholesky_solve_refactors_at_every_change_of_rho(cone, rho):
     X, Y, D = _data(120, 6, 6, 2)
     reference, _ = cvxpy_optimum(X, Y, D, 1e-2, cone)
     problem = (cronos.ConvexReLU if cone else cronos.GatedReLU)(X, Y, patterns=D, beta=1e-2)
-    config = _tight(rho, rho_warmup=20, linear_solver="cholesky")  # balancing moves rho after 20 iterations
+    # balancing moves rho after 20 iterations; blocks of 32 rows: 3 full blocks and a ragged one of 24
+    config = _tight(rho, rho_warmup=20, linear_solver="cholesky", cholesky_block=32)
     with jax.enable_x64(True):
         result = cronos.solve(problem, config, key=jax.random.key(0))
         flops = result.flops
@@ -119,6 +120,21 @@ def test_cholesky_solve_refactors_at_every_change_of_rho(cone, rho):
     assert flops["refactorizations"] == changes and flops["per_refactorization"] > 0 and flops["pcg_iterations"] == 0
     assert flops["total"] == pytest.approx(flops["setup"] + result.iterations * flops["per_admm_step_excluding_pcg"]
                                            + changes * flops["per_refactorization"])
+
+
+@pytest.mark.parametrize("n,block", [(2500, 1024), (300, 2048)])  # 2 full blocks and a ragged one; one block
+def test_blocked_cholesky_solve_equals_numpy_solve(n, block):
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((n, n // 4))
+    D = (rng.random((n, 8)) < 0.5).astype(float)
+    M = (A @ A.T / n) * (D @ D.T)  # shaped like the solve's (X B^-1 X^T) o (D D^T): PSD, ill-conditioned
+    f = rng.standard_normal((n, 3))
+    shift = 1e-3
+    with jax.enable_x64(True):
+        factor = jax.jit(admm._cholesky_factor, static_argnums=2)(M, shift, block)
+        x = np.asarray(jax.jit(admm._cholesky_solve)(factor, f))
+    expected = np.linalg.solve(M + shift * np.eye(n), f)
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-8 * np.abs(expected).max())
 
 
 def test_default_config_picks_the_solver_by_size():
@@ -269,7 +285,8 @@ def test_sharded_equals_unsharded_on_8_devices():
             (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64",
                                                   linear_solver="direct"), 1e-8),
             (cronos.ConvexReLU, cronos.ADMMConfig(tol=1e-6, admm_iters=3000, dtype="float64", rho_warmup=50,
-                                                  linear_solver="cholesky"), 1e-8),  # refactors on sharded rows
+                                                  linear_solver="cholesky", cholesky_block=50), 1e-8),  # refactors;
+            # 208 padded rows in 4 blocks of 50 and one of 8, sliced across the shards
             (cronos.GatedReLU, cronos.ADMMConfig(tol=1e-8, admm_iters=3000, dtype="float64"), 1e-8),
         ]
         for program, config, tol in cases:
